@@ -1,0 +1,1 @@
+"""Domain expert ensembles (HDEE): built in a later issue."""

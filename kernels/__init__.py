@@ -1,0 +1,1 @@
+"""Counter-based RNG and fused update kernels: built in a later issue."""

@@ -1,0 +1,351 @@
+"""The ``swarmtrain`` command line. Every user error becomes one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from node import __version__
+from node.config import ConfigError, NodeConfig, Timeouts, load_node_config
+from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
+from node.logs import setup_logging
+
+logger = logging.getLogger("swarmtrain")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A user-facing failure: the message says what was wrong and what to do."""
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+
+def _add_swarm_flags(parser: argparse.ArgumentParser, *, with_identity: bool = True) -> None:
+    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=None,
+                        help="multiaddrs of peers already in the swarm (from `swarmtrain bootstrap`)")
+    parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
+                        help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/0)")
+    parser.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
+                        help="multiaddrs to tell others, e.g. a public IP behind NAT")
+    parser.add_argument("--port", type=int, default=None, help="TCP port to listen on (shorthand for --host-maddrs)")
+    if with_identity:
+        parser.add_argument("--data-dir", default=None, help="directory for the node key, cache and logs")
+    parser.add_argument("--config", default=None, help="TOML file with node settings ([node] table)")
+    parser.add_argument("--log-format", choices=("plain", "json"), default=None, help="log line format")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmtrain", description="Decentralized peer-to-peer training on a DHT swarm.")
+    parser.add_argument("--version", action="version", version=f"swarmtrain {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keygen = commands.add_parser("keygen", help="create an Ed25519 identity key and print its public key")
+    keygen.add_argument("--out", required=True, help="where to write the private key (mode 0600)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+
+    run = commands.add_parser("run", help="create and inspect run specs")
+    run_commands = run.add_subparsers(dest="run_command", metavar="SUBCOMMAND", required=True)
+    init = run_commands.add_parser("init", help="write a new signed run spec")
+    init.add_argument("--mode", required=True, choices=("pipeline", "zo", "experts"), help="training mode")
+    init.add_argument("--preset", default="tiny", help="model preset: tiny, small, 124m, 350m, 1.3b")
+    init.add_argument("--key", required=True, help="the run owner's private key (from keygen)")
+    init.add_argument("--out", required=True, help="path of the TOML run spec to write")
+    init.add_argument("--name", default=None, help="human-readable run name")
+    init.add_argument("--access", choices=("public", "private"), default="public",
+                      help="private runs admit only nodes holding a join token")
+    init.add_argument("--stages", type=int, default=None, help="pipeline stages (pipeline mode)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing spec file")
+    show = run_commands.add_parser("show", help="verify a run spec and print its id")
+    show.add_argument("spec", help="path of the run spec")
+
+    token = commands.add_parser("token", help="join tokens for private runs")
+    token_commands = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    issue = token_commands.add_parser("issue", help="issue a join token for one node of a private run")
+    issue.add_argument("--run", required=True, help="the run spec")
+    issue.add_argument("--key", required=True, help="the run owner's private key")
+    issue.add_argument("--node", required=True, help="the node's public key (hex, printed by keygen or node)")
+    issue.add_argument("--valid-hours", type=float, default=24.0, help="how long the token is valid")
+
+    bootstrap = commands.add_parser("bootstrap", help="run a DHT bootstrap peer and print the multiaddrs to share")
+    _add_swarm_flags(bootstrap)
+
+    node = commands.add_parser("node", help="join a run as a training node")
+    node.add_argument("--run", default=None, help="the signed run spec (TOML)")
+    _add_swarm_flags(node)
+    node.add_argument("--public-name", default=None, help="name shown on the status page")
+    node.add_argument("--role", choices=("auto", "data", "stage"), default=None,
+                      help="pipeline role; auto takes the stage with the fewest live replicas")
+    node.add_argument("--stage", type=int, default=None, help="serve this pipeline stage")
+    node.add_argument("--device", default=None, help="auto, cpu or cuda[:i]")
+    node.add_argument("--token", default=None, help="join token (text) for a private run")
+    node.add_argument("--client-mode", action="store_true", default=None,
+                      help="do not accept incoming DHT connections (behind NAT without relay)")
+
+    status = commands.add_parser("status", help="show the swarm's runs and nodes")
+    _add_swarm_flags(status, with_identity=False)
+    status.add_argument("--run", default=None, help="only this run (spec path)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser("demo", help="train the tiny model on the embedded data and show the loss falling")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument("--preset", default="tiny", help="model preset")
+    return parser
+
+
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+_NODE_FLAGS = ("run", "data_dir", "initial_peers", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
+               "stage", "device", "token", "client_mode", "log_format", "log_level")
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from protocol.keys import generate_private_key, public_key_bytes
+
+    key = generate_private_key()
+    write_private_key(Path(args.out), key, overwrite=args.force)
+    print(public_key_bytes(key).hex())
+    return 0
+
+
+def cmd_run_init(args: argparse.Namespace) -> int:
+    from protocol.runspec import dumps_spec, make_spec, run_id
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CliError(f"{out} already exists; pass --force to overwrite it")
+    overrides: dict[str, Any] = {}
+    if args.name:
+        overrides["name"] = args.name
+    if args.stages is not None:
+        overrides["stages"] = args.stages
+    spec = make_spec(args.mode, args.preset, read_private_key(Path(args.key)), access=args.access, **overrides)
+    out.write_text(dumps_spec(spec))
+    print(f"run id {run_id(spec).hex()} written to {out}")
+    return 0
+
+
+def load_verified_spec(path: str):
+    from protocol.runspec import load_spec, verify_spec
+
+    if not path:
+        raise CliError("no run spec given: pass --run run.toml (create one with `swarmtrain run init`)")
+    spec = load_spec(path)
+    verify_spec(spec)
+    return spec
+
+
+def cmd_run_show(args: argparse.Namespace) -> int:
+    from protocol.runspec import run_id
+
+    spec = load_verified_spec(args.spec)
+    print(f"run id {run_id(spec).hex()}: mode {spec.run.mode}, preset {spec.model.preset}, access {spec.run.access}")
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    from protocol.access import issue_token, token_to_text
+    from protocol.keys import public_key_bytes
+    from protocol.runspec import run_id
+
+    spec = load_verified_spec(args.run)
+    owner = read_private_key(Path(args.key))
+    if public_key_bytes(owner).hex() != spec.owner.public_key:
+        raise CliError(f"{args.key} is not the owner key of this run; tokens must be signed by the run's owner")
+    try:
+        node_public = bytes.fromhex(args.node)
+    except ValueError:
+        raise CliError("--node must be the node's public key in hex (64 characters)") from None
+    if len(node_public) != 32:
+        raise CliError("--node must be the node's public key in hex (64 characters)")
+    if args.valid_hours <= 0:
+        raise CliError("--valid-hours must be positive")
+    token = issue_token(owner, run_id(spec), node_public, time.time() + args.valid_hours * 3600)
+    print(token_to_text(token))
+    return 0
+
+
+def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from node.dht import SwarmDHT
+    from protocol.keys import generate_private_key
+
+    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    setup_logging(config.log_format, config.log_level)
+    key = load_or_create_identity(_ensure_data_dir(config.data_dir)) if args.data_dir else generate_private_key()
+    # The bootstrap peer belongs to no run: it stores every run's (signature-checked) records.
+    swarm = SwarmDHT(key, b"", None, config.timeouts, initial_peers=config.initial_peers,
+                     host_maddrs=config.resolved_host_maddrs(), announce_maddrs=config.announce_maddrs)
+    try:
+        print("share one of these multiaddrs as --initial-peers:")
+        for maddr in swarm.visible_maddrs():
+            print(f"  {maddr}")
+        sys.stdout.flush()
+
+        async def wait() -> None:
+            stop = asyncio.Event()
+            _install_stop(asyncio.get_running_loop(), stop)
+            await stop.wait()
+
+        asyncio.run(wait())
+    finally:
+        swarm.shutdown()
+    return 0
+
+
+def _ensure_data_dir(path: str) -> Path:
+    data_dir = Path(path)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CliError(f"data dir {data_dir} is not writable: {error.strerror}; pick another with --data-dir") from None
+    return data_dir
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from protocol.access import token_from_text
+    from node.runner import Node
+
+    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    setup_logging(config.log_format, config.log_level)
+    spec = load_verified_spec(config.run)
+    data_dir = _ensure_data_dir(config.data_dir)
+    key = load_or_create_identity(data_dir)
+    token = token_from_text(config.token) if config.token else None
+    node = Node(config, spec, key, token)
+    logger.info("node id %s (public key), run %s", node.id, node.run_id.hex())
+    maddrs = node.start()
+    try:
+        print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
+        for maddr in maddrs:
+            print(f"  {maddr}", flush=True)
+
+        async def serve() -> None:
+            stop = asyncio.Event()
+            _install_stop(asyncio.get_running_loop(), stop)
+            await node.run(stop)
+
+        asyncio.run(serve())
+    finally:
+        node.shutdown()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.status import collect_status, format_status
+
+    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    setup_logging(config.log_format, config.log_level or "WARNING")
+    if not config.initial_peers:
+        raise CliError("status needs --initial-peers to find the swarm")
+    spec = load_verified_spec(args.run) if args.run else None
+    report = collect_status(config, spec)
+    if args.json:
+        print(json.dumps(report, indent=None, sort_keys=True))
+    else:
+        print(format_status(report))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.train import TrainConfig, train_single_process
+
+    setup_logging("plain", "WARNING")
+    if args.steps <= 0:
+        raise CliError("--steps must be positive")
+    config = TrainConfig(preset=args.preset, steps=args.steps)
+    print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
+          f"(domains: {', '.join(config.domains) if config.domains else 'all'})", flush=True)
+
+    def report(r) -> None:
+        if r.val_loss is not None:
+            train = f"{r.train_loss:.3f}" if r.train_loss is not None else "  -  "
+            domains = "  ".join(f"{name} {loss:.2f}" for name, loss in sorted(r.val_loss_by_domain.items()))
+            print(f"step {r.step:5d}  train loss {train}  validation loss {r.val_loss:.3f} ({domains})  "
+                  f"{r.tokens_per_s:,.0f} tokens/s", flush=True)
+
+    result = train_single_process(config, report)
+    drop = 100 * (1 - result.final_val_loss / result.initial_val_loss)
+    print(f"validation loss {result.initial_val_loss:.3f} -> {result.final_val_loss:.3f} ({drop:.0f}% lower)")
+    return 0
+
+
+COMMANDS = {
+    "keygen": cmd_keygen,
+    "bootstrap": cmd_bootstrap,
+    "node": cmd_node,
+    "status": cmd_status,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS.get(args.command)
+    if args.command == "run":
+        handler = {"init": cmd_run_init, "show": cmd_run_show}[args.run_command]
+    elif args.command == "token":
+        handler = cmd_token_issue
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ConfigError, IdentityError) as error:
+        print(f"swarmtrain {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # noqa: BLE001 - mapped to one line below when it is a known user error
+        message = _known_error(error)
+        if message is None:
+            raise
+        print(f"swarmtrain {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _known_error(error: Exception) -> str | None:
+    """Turn the library's specific errors into one line; unknown errors keep their traceback."""
+    from node.dht import SwarmStartError
+    from node.roles import RoleError
+    from node.runner import DeviceError
+    from protocol.errors import ProtocolError
+
+    if isinstance(error, (SwarmStartError, DeviceError, RoleError)):
+        return str(error)
+    if isinstance(error, ProtocolError):
+        return f"{type(error).__name__}: {error}"
+    if isinstance(error, FileNotFoundError):
+        return f"file not found: {error.filename}"
+    if isinstance(error, PermissionError):
+        return f"permission denied: {error.filename}"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""hivemind DHT wiring: start the DHT process with our record validator, store and read signed records.
+
+hivemind runs the DHT (and its p2pd) in a forked child. If our process dies by SIGKILL, nothing
+tells that child, so we install a reaper inside it: PR_SET_PDEATHSIG delivers SIGTERM when we die,
+and its SIGTERM handler kills p2pd before exiting. No orphaned daemons, whatever kills the node.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Iterable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from node.config import Timeouts
+from protocol.access import AccessPolicy
+from protocol.envelope import Envelope, Limits, Sequencer
+from protocol.errors import ProtocolError
+from protocol.keys import public_key_bytes
+from protocol.records import RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+RUNS_DIRECTORY = RUNS_DIRECTORY_KEY  # one global key listing the runs in this swarm
+
+
+class SwarmStartError(RuntimeError):
+    """The DHT could not start or reach its initial peers."""
+
+
+@dataclass(frozen=True)
+class Record:
+    sender: bytes
+    envelope: Envelope
+    msg: dict
+    expiration_time: float
+
+
+async def _install_reaper(parent_pid: int, _dht: DHT, node) -> int:
+    """Runs inside the DHT child: die with the parent and take p2pd along."""
+    p2pd = getattr(node.p2p, "_child", None)
+
+    def terminate(_signum=None, _frame=None) -> None:
+        if p2pd is not None and p2pd.returncode is None:
+            try:
+                os.kill(p2pd.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C reaches the whole process group; the parent decides how to shut down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        terminate()
+    return p2pd.pid if p2pd is not None else -1
+
+
+class SwarmDHT:
+    """A started hivemind DHT plus the record conventions of one run."""
+
+    def __init__(
+        self,
+        private_key: Ed25519PrivateKey,
+        run_id: bytes,
+        access: AccessPolicy | None,
+        timeouts: Timeouts,
+        *,
+        initial_peers: Iterable[str] = (),
+        host_maddrs: Iterable[str] = ("/ip4/0.0.0.0/tcp/0",),
+        announce_maddrs: Iterable[str] = (),
+        client_mode: bool = False,
+        token: bytes | None = None,
+        record_limits: Limits = Limits(max_bytes=64 << 10),
+    ):
+        self._key = private_key
+        self.public_key = public_key_bytes(private_key)
+        self.run_id = run_id
+        self.timeouts = timeouts
+        self.token = token
+        self.record_limits = record_limits
+        self._seq = Sequencer()
+        validator = SwarmRecordValidator(run_id or None, access, record_limits)
+        try:
+            self.dht = DHT(
+                initial_peers=list(initial_peers) or None,
+                start=True,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                client_mode=client_mode,
+                record_validators=[validator],
+                startup_timeout=timeouts.startup_s,
+                wait_timeout=timeouts.dht_request_s,
+            )
+        except Exception as error:  # hivemind raises bare P2PDaemonError/RuntimeError/ValueError here
+            raise SwarmStartError(_explain_start_error(error)) from None
+        self.p2pd_pid = self.dht.run_coroutine(functools.partial(_install_reaper, os.getpid()))
+        self._p2p: P2P | None = None
+
+    @property
+    def peer_id(self):
+        return self.dht.peer_id
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    async def p2p(self) -> P2P:
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    async def store(self, name: str, kind: str, body: dict, ttl_s: float, *, run_id: bytes | None = None) -> bool:
+        """Sign ``body`` and store it under our own subkey of ``name``; True if any peer took it."""
+        run_id = self.run_id if run_id is None else run_id
+        key = RUNS_DIRECTORY if name == RUNS_DIRECTORY else dht_key(run_id, name)
+        now = get_dht_time()
+        value = seal_record(
+            self._key, run_id=run_id, key=key, kind=kind, body=body, seq=self._seq.next(), token=self.token, timestamp=now
+        )
+        future = self.dht.store(key, value, now + ttl_s, subkey=self.public_key, return_future=True)
+        try:
+            return bool(await asyncio.wait_for(future, self.timeouts.dht_s))
+        except TimeoutError:
+            logger.warning("storing %s timed out after %.0f s", name, self.timeouts.dht_s)
+            return False
+
+    async def read(self, name: str, *, run_id: bytes | None = None) -> dict[bytes, Record]:
+        """All valid records under ``name``, by signer. Invalid ones are dropped with a log line."""
+        directory = name == RUNS_DIRECTORY
+        run_id = self.run_id if run_id is None else run_id
+        key = RUNS_DIRECTORY if directory else dht_key(run_id, name)
+        future = self.dht.get(key, latest=True, return_future=True)
+        try:
+            found = await asyncio.wait_for(future, self.timeouts.dht_s)
+        except TimeoutError:
+            logger.warning("reading %s timed out after %.0f s", name, self.timeouts.dht_s)
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        records: dict[bytes, Record] = {}
+        for subkey, item in found.value.items():
+            try:
+                envelope, record_key, msg = open_record(
+                    item.value, run_id=None if directory else run_id, limits=self.record_limits, now=get_dht_time()
+                )
+            except ProtocolError as error:
+                logger.debug("dropped a record under %s: %s: %s", name, type(error).__name__, error)
+                continue
+            if record_key != key or subkey != envelope.sender:
+                continue
+            records[envelope.sender] = Record(envelope.sender, envelope, msg, item.expiration_time)
+        return records
+
+    async def close_p2p(self) -> None:
+        """Close this process's connection to p2pd (call it on the loop that used ``p2p()``)."""
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+            self._p2p = None
+
+    def shutdown(self) -> None:
+        if self.dht.is_alive():
+            self.dht.shutdown()
+
+
+
+def _explain_start_error(error: Exception) -> str:
+    text = str(error)
+    lowered = text.lower()
+    if "address already in use" in lowered:
+        return f"the port is already in use ({text.splitlines()[0] if text else 'bind failed'}); pick another with --port"
+    if "bootstrap" in lowered or "failed to connect" in lowered or "dial" in lowered:
+        return f"cannot reach any initial peer ({text.splitlines()[0]}); check --initial-peers and that they are running"
+    return f"the swarm could not start: {type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,0 +1,44 @@
+"""Which role a joining node takes: pure logic, so the choice and its reason are testable and logged."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from node.membership import Member, count_by_stage
+from protocol.messages import Role
+
+
+class RoleError(ValueError):
+    """The requested role does not fit the run."""
+
+
+@dataclass(frozen=True)
+class RoleChoice:
+    role: Role
+    stage: int | None
+    reason: str
+
+
+def choose_role(
+    mode: str, num_stages: int, members: Mapping[bytes, Member], requested: str = "auto", stage: int | None = None
+) -> RoleChoice:
+    """Pipeline: ``auto`` takes the stage with the fewest live replicas (ties: lowest index); stage 0 is
+    the data role. Other modes have one role for every node."""
+    if mode == "zo":
+        return RoleChoice(Role.ZO, None, "mode zo: every node holds a full replica")
+    if mode == "experts":
+        return RoleChoice(Role.EXPERT, None, "mode experts: the node claims expert jobs")
+    if requested not in ("auto", "data", "stage"):
+        raise RoleError(f"role {requested!r} is not one of auto, data, stage for a pipeline run")
+    if stage is not None and not 0 <= stage < num_stages:
+        raise RoleError(f"stage {stage} does not exist: the run has stages 0..{num_stages - 1}")
+    if requested == "data":
+        return RoleChoice(Role.DATA, 0, "requested the data role (stage 0)")
+    if stage is not None:
+        return RoleChoice(Role.DATA if stage == 0 else Role.STAGE, stage, f"requested stage {stage}")
+    counts = count_by_stage(members)
+    candidates = range(1, num_stages) if requested == "stage" and num_stages > 1 else range(num_stages)
+    chosen = min(candidates, key=lambda s: (counts.get(s, 0), s))
+    live = ", ".join(f"{s}:{counts.get(s, 0)}" for s in range(num_stages))
+    reason = f"stage {chosen} has the fewest live replicas ({counts.get(chosen, 0)}; by stage {live})"
+    return RoleChoice(Role.DATA if chosen == 0 else Role.STAGE, chosen, reason)

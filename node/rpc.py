@@ -1,0 +1,302 @@
+"""RPC between peers over hivemind's P2P streams: signed msgpack headers, tensors streamed as raw bytes.
+
+One call is one libp2p stream:
+    request:  [u32 length][envelope kind "rpc.request"] then the raw bytes of each tensor in order
+    reply:    [u32 length][envelope kind "rpc.reply"]   then the raw bytes of each reply tensor
+The envelope body lists every tensor's dtype, shape, byte count and blake2b digest, so the signature
+covers the bulk bytes too without holding them inside msgpack.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Mapping
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
+
+from node.config import Timeouts
+from protocol.access import AccessPolicy
+from protocol.envelope import Envelope, Limits, ReplayGuard, Sequencer, open_envelope, seal
+from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, TensorShapeMismatch
+from protocol.tensors import TensorLimits, decode_tensor_parts, tensor_bytes, tensor_header
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_NAME = "/swarmtrain/rpc/1"
+REQUEST_KIND = "rpc.request"
+REPLY_KIND = "rpc.reply"
+_LENGTH_BYTES = 4
+_CHUNK = 1 << 22
+_DIGEST = 16
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    max_header_bytes: int = 1 << 20
+    max_tensors: int = 64
+    max_tensor_bytes: int = 512 << 20  # all tensors of one request or reply together
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who called: the transport-authenticated libp2p peer and the envelope's verified signer."""
+
+    peer_id: PeerID
+    sender: bytes
+    envelope: Envelope
+
+
+Tensors = Mapping[str, torch.Tensor]
+Handler = Callable[[CallContext, dict, dict[str, torch.Tensor]], Awaitable[tuple[dict, Tensors]]]
+
+
+class RpcError(RuntimeError):
+    """A call failed: the remote refused it, or the transport broke."""
+
+
+class RemoteError(RpcError):
+    """The remote handled the call and answered with an error; ``kind`` is its error class name."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class HandlerError(Exception):
+    """Raised by a handler to refuse a call with a message the caller sees."""
+
+
+@dataclass
+class RpcStats:
+    served: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _digest(data: memoryview | bytes | bytearray) -> bytes:
+    return hashlib.blake2b(data, digest_size=_DIGEST).digest()
+
+
+def _describe(tensors: Tensors) -> tuple[list[dict], list[memoryview]]:
+    headers, payloads = [], []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        payload = tensor_bytes(tensor)
+        header = tensor_header(tensor)
+        header["name"] = name
+        header["digest"] = _digest(payload)
+        headers.append(header)
+        payloads.append(payload)
+    return headers, payloads
+
+
+async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(_LENGTH_BYTES, "big"))
+    writer.write(data)
+    await writer.drain()
+
+
+async def _write_payloads(writer: asyncio.StreamWriter, payloads: list[memoryview]) -> int:
+    sent = 0
+    for payload in payloads:
+        view = payload.cast("B")
+        for offset in range(0, len(view), _CHUNK):
+            writer.write(view[offset : offset + _CHUNK])
+            await writer.drain()
+        sent += len(view)
+    return sent
+
+
+async def _read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+    length = int.from_bytes(await reader.readexactly(_LENGTH_BYTES), "big")
+    if length > max_bytes:
+        raise MessageTooLarge(f"frame of {length} bytes exceeds the limit of {max_bytes}")
+    return await reader.readexactly(length)
+
+
+def _check_tensor_headers(raw: object, limits: RpcLimits) -> list[dict]:
+    if not isinstance(raw, list) or len(raw) > limits.max_tensors:
+        raise MalformedMessage(f"'tensors' must be a list of at most {limits.max_tensors} headers")
+    total = 0
+    for header in raw:
+        if not isinstance(header, dict) or not isinstance(header.get("name"), str):
+            raise MalformedMessage("tensor header without a name")
+        nbytes, digest = header.get("nbytes"), header.get("digest")
+        if not isinstance(nbytes, int) or nbytes < 0 or not isinstance(digest, bytes) or len(digest) != _DIGEST:
+            raise MalformedMessage(f"tensor {header['name']!r}: bad nbytes or digest")
+        total += nbytes
+    if total > limits.max_tensor_bytes:
+        raise MessageTooLarge(f"{total} tensor bytes exceed the limit of {limits.max_tensor_bytes}")
+    return raw
+
+
+async def _read_tensors(
+    reader: asyncio.StreamReader, headers: list[dict], timeouts: Timeouts, tensor_limits: TensorLimits
+) -> dict[str, torch.Tensor]:
+    """Read every tensor's bytes, check its digest and decode; all headers were checked first."""
+    tensors: dict[str, torch.Tensor] = {}
+    for header in headers:
+        nbytes = header["nbytes"]
+        buffer = bytearray(nbytes)
+        view = memoryview(buffer)
+        async with asyncio.timeout(timeouts.transfer_s(nbytes)):
+            for offset in range(0, nbytes, _CHUNK):
+                chunk = await reader.readexactly(min(_CHUNK, nbytes - offset))
+                view[offset : offset + len(chunk)] = chunk
+        if _digest(view) != header["digest"]:
+            raise TensorShapeMismatch(f"tensor {header['name']!r}: bytes do not match the signed digest")
+        tensors[header["name"]] = decode_tensor_parts(header, buffer, tensor_limits)
+    return tensors
+
+
+class RpcEndpoint:
+    """Serves registered methods and calls other peers' methods, both over one P2P instance."""
+
+    def __init__(
+        self,
+        p2p: P2P,
+        private_key: Ed25519PrivateKey,
+        run_id: bytes,
+        access: AccessPolicy,
+        timeouts: Timeouts,
+        *,
+        token: bytes | None = None,
+        limits: RpcLimits = RpcLimits(),
+        envelope_limits: Limits = Limits(),
+        clock: Callable[[], float],
+    ):
+        self.p2p = p2p
+        self._key = private_key
+        self.run_id = run_id
+        self.access = access
+        self.timeouts = timeouts
+        self.token = token
+        self.limits = limits
+        self.envelope_limits = Limits(
+            max_bytes=limits.max_header_bytes,
+            max_age_s=envelope_limits.max_age_s,
+            max_future_s=envelope_limits.max_future_s,
+        )
+        self.tensor_limits = TensorLimits(max_bytes=limits.max_tensor_bytes)
+        self._clock = clock
+        self._replay = ReplayGuard(window_s=envelope_limits.max_age_s)
+        self._seq = Sequencer()
+        self._handlers: dict[str, Handler] = {}
+        self.stats = RpcStats()
+
+    def register(self, method: str, handler: Handler) -> None:
+        self._handlers[method] = handler
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(PROTOCOL_NAME, self._serve)
+
+    def _seal(self, kind: str, body: dict) -> bytes:
+        return seal(self._key, kind=kind, run_id=self.run_id, body=body, seq=self._seq.next(), timestamp=self._clock())
+
+    # ---- server side -------------------------------------------------------------------------
+
+    async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id
+        try:
+            try:
+                async with asyncio.timeout(self.timeouts.rpc_s):
+                    raw = await _read_frame(reader, self.limits.max_header_bytes)
+                envelope = open_envelope(
+                    raw,
+                    REQUEST_KIND,
+                    self.envelope_limits,
+                    run_id=self.run_id,
+                    replay_guard=self._replay,
+                    now=self._clock(),
+                )
+                body = envelope.body
+                self.access.check(envelope.sender, body.get("token"), self._clock())
+                method, args = body.get("method"), body.get("args", {})
+                if not isinstance(method, str) or not isinstance(args, dict):
+                    raise MalformedMessage("request needs a string 'method' and a map 'args'")
+                headers = _check_tensor_headers(body.get("tensors", []), self.limits)
+                tensors = await _read_tensors(reader, headers, self.timeouts, self.tensor_limits)
+                self.stats.bytes_in += sum(h["nbytes"] for h in headers)
+            except ProtocolError as error:
+                await self._refuse(peer, writer, type(error).__name__, str(error))
+                return
+            handler = self._handlers.get(method)
+            if handler is None:
+                await self._refuse(peer, writer, "UnknownMethod", f"no method {method!r}")
+                return
+            context = CallContext(peer_id=peer, sender=envelope.sender, envelope=envelope)
+            try:
+                result, out_tensors = await handler(context, args, tensors)
+            except HandlerError as error:
+                await self._refuse(peer, writer, "HandlerError", str(error))
+                return
+            except ProtocolError as error:
+                await self._refuse(peer, writer, type(error).__name__, str(error))
+                return
+            headers_out, payloads = _describe(out_tensors)
+            reply = self._seal(REPLY_KIND, {"ok": True, "result": result, "error": "", "tensors": headers_out})
+            async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
+                await _write_frame(writer, reply)
+                self.stats.bytes_out += await _write_payloads(writer, payloads)
+            self.stats.served += 1
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as error:
+            logger.info("rpc from %s broke off: %s", peer, type(error).__name__)
+        except Exception:  # a bug in a handler must not take the node down with it
+            logger.exception("rpc handler failed for a call from %s", peer)
+            await self._refuse(peer, writer, "InternalError", "the handler failed; see the serving node's log")
+        finally:
+            writer.close()
+
+    async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
+        self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1
+        logger.warning("refused rpc from %s: %s: %s", peer, kind, message)
+        reply = self._seal(REPLY_KIND, {"ok": False, "result": {}, "error": f"{kind}: {message}"[:1000], "tensors": []})
+        try:
+            async with asyncio.timeout(self.timeouts.rpc_s):
+                await _write_frame(writer, reply)
+        except (ConnectionError, TimeoutError):
+            pass  # the caller is gone; the refusal is logged and counted above
+
+    # ---- client side -------------------------------------------------------------------------
+
+    async def call(
+        self, peer_id: PeerID, method: str, args: dict | None = None, tensors: Tensors | None = None
+    ) -> tuple[bytes, dict, dict[str, torch.Tensor]]:
+        """Call ``method`` on ``peer_id``; returns (remote signer, result, tensors)."""
+        headers, payloads = _describe(tensors or {})
+        body = {"method": method, "args": args or {}, "tensors": headers, "token": self.token}
+        request = self._seal(REQUEST_KIND, body)
+        try:
+            async with asyncio.timeout(self.timeouts.rpc_s):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL_NAME)
+        except (TimeoutError, ConnectionError, OSError, P2PDaemonError) as error:
+            raise RpcError(f"cannot reach {peer_id}: {type(error).__name__} {error}") from None
+        try:
+            async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
+                await _write_frame(writer, request)
+                await _write_payloads(writer, payloads)
+            async with asyncio.timeout(self.timeouts.rpc_s):
+                raw = await _read_frame(reader, self.limits.max_header_bytes)
+            reply = open_envelope(raw, REPLY_KIND, self.envelope_limits, run_id=self.run_id, now=self._clock())
+            body = reply.body
+            if not body.get("ok"):
+                error = str(body.get("error", "unknown error"))
+                kind, _, message = error.partition(": ")
+                raise RemoteError(kind, message)
+            result = body.get("result", {})
+            if not isinstance(result, dict):
+                raise MalformedMessage("reply 'result' is not a map")
+            out_headers = _check_tensor_headers(body.get("tensors", []), self.limits)
+            out = await _read_tensors(reader, out_headers, self.timeouts, self.tensor_limits)
+            return reply.sender, result, out
+        except ProtocolError as error:
+            raise RpcError(f"bad reply from {peer_id}: {type(error).__name__}: {error}") from None
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as error:
+            raise RpcError(f"call {method} to {peer_id} failed: {type(error).__name__}") from None
+        finally:
+            writer.close()

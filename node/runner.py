@@ -1,0 +1,266 @@
+"""The node process: join the run, announce, heartbeat, watch membership, serve RPCs, leave cleanly."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node import __version__
+from node.config import NodeConfig, Timeouts
+from node.dht import RUNS_DIRECTORY, SwarmDHT
+from node.membership import Member, derive_members, diff_events
+from node.roles import RoleChoice, choose_role
+from node.rpc import CallContext, RpcEndpoint
+from protocol.access import AccessPolicy
+from protocol.errors import ProtocolError
+from protocol.keys import node_id_hex, public_key_bytes
+from protocol.messages import Event, Heartbeat, NodeAnnouncement, NodeState
+from protocol.runspec import RunSpec, run_id as compute_run_id
+
+logger = logging.getLogger(__name__)
+
+NODES = "nodes"
+HEARTBEATS = "heartbeats"
+EVENTS = "events"
+MAX_PUBLISHED_EVENTS = 32
+# Heartbeats stay in the DHT well past their TTL so observers can report DEAD instead of "gone".
+HEARTBEAT_RETENTION = 15
+
+
+class DeviceError(RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {requested} was requested but no CUDA GPU is visible; use --device cpu")
+        index = requested.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return requested
+    raise DeviceError(f"--device must be auto, cpu or cuda[:i], not {requested!r}")
+
+
+def timeouts_for_run(config: NodeConfig, spec: RunSpec) -> Timeouts:
+    """Heartbeat timing is a property of the run: every node must judge liveness the same way."""
+    swarm = spec.swarm
+    return dataclasses.replace(
+        config.timeouts, heartbeat_interval_s=swarm.heartbeat_interval_s, heartbeat_ttl_s=swarm.heartbeat_ttl_s
+    )
+
+
+@dataclass
+class MembershipView:
+    members: dict[bytes, Member] = field(default_factory=dict)
+    events: deque = field(default_factory=lambda: deque(maxlen=256))
+    failed_rpcs: dict[bytes, int] = field(default_factory=dict)
+
+
+class Node:
+    """One coordinating object per process (cf. torchft's Manager)."""
+
+    def __init__(self, config: NodeConfig, spec: RunSpec, key: Ed25519PrivateKey, token: bytes | None = None):
+        self.config = config
+        self.spec = spec
+        self.key = key
+        self.public_key = public_key_bytes(key)
+        self.id = node_id_hex(self.public_key)
+        self.token = token
+        self.run_id = compute_run_id(spec)
+        self.timeouts = timeouts_for_run(config, spec)
+        self.device = resolve_device(config.device)
+        self.access = AccessPolicy(
+            private=spec.run.access == "private", owner_public=bytes.fromhex(spec.owner.public_key), run_id=self.run_id
+        )
+        if self.access.private:
+            # Fail fast with a clear message instead of having every peer refuse us.
+            self.access.check(self.public_key, token, time.time())
+        self.view = MembershipView()
+        self.role: RoleChoice | None = None
+        self.state = NodeState.JOINING
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+        self.started_at = time.time()
+        self.swarm: SwarmDHT | None = None
+        self.rpc: RpcEndpoint | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Start the DHT (blocking, before the event loop runs); returns the multiaddrs to share."""
+        self.swarm = SwarmDHT(
+            self.key,
+            self.run_id,
+            self.access,
+            self.timeouts,
+            initial_peers=self.config.initial_peers,
+            host_maddrs=self.config.resolved_host_maddrs(),
+            announce_maddrs=self.config.announce_maddrs,
+            client_mode=self.config.client_mode,
+            token=self.token,
+        )
+        return self.swarm.visible_maddrs()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.swarm is not None, "start() first"
+        p2p = await self.swarm.p2p()
+        self.rpc = RpcEndpoint(
+            p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time
+        )
+        self.rpc.register("ping", self._handle_ping)
+        self.rpc.register("echo", self._handle_echo)
+        await self.rpc.start()
+        await self.refresh_membership()
+        self.role = choose_role(
+            self.spec.run.mode, self.spec.pipeline.stages, self.view.members, self.config.role, self.config.stage
+        )
+        logger.info("role: %s%s — %s", self.role.role.value,
+                    f" stage {self.role.stage}" if self.role.stage is not None else "", self.role.reason)
+        await self.announce(NodeState.JOINING)
+        self.state = NodeState.ONLINE
+        await self.announce(NodeState.ONLINE)
+        await self.publish_run_directory()
+        logger.info("node %s is ONLINE in run %s", self.id[:16], self.run_id.hex())
+        last_announce = time.monotonic()
+        while not stop.is_set():
+            await self.heartbeat()
+            if time.monotonic() - last_announce > self.timeouts.announce_ttl_s / 3:
+                await self.announce(self.state)
+                await self.publish_run_directory()
+                last_announce = time.monotonic()
+            await self.refresh_membership()
+            try:
+                await asyncio.wait_for(stop.wait(), self.timeouts.heartbeat_interval_s)
+            except TimeoutError:
+                pass  # the periodic tick
+        await self.leave()
+        await self.swarm.close_p2p()
+
+    async def leave(self) -> None:
+        """Say LEAVING where observers look for it, then stop; bounded by leave_grace_s."""
+        self.state = NodeState.LEAVING
+        logger.info("leaving the swarm")
+        try:
+            async with asyncio.timeout(self.timeouts.leave_grace_s):
+                await asyncio.gather(self.announce(NodeState.LEAVING), self.heartbeat())
+        except TimeoutError:
+            logger.warning("could not publish LEAVING within %.0f s", self.timeouts.leave_grace_s)
+
+    def shutdown(self) -> None:
+        if self.swarm is not None:
+            self.swarm.shutdown()
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def announcement(self, state: NodeState) -> NodeAnnouncement:
+        assert self.swarm is not None and self.role is not None
+        return NodeAnnouncement(
+            peer_id=str(self.swarm.peer_id),
+            public_name=self.config.public_name,
+            role=self.role.role,
+            stage=self.role.stage,
+            expert=None,
+            device=self.device,
+            throughput=float(self.metrics.get("tokens_per_s", 0.0)),
+            version=__version__,
+            state=state,
+            maddrs=self.swarm.visible_maddrs()[:8],
+        )
+
+    async def announce(self, state: NodeState) -> None:
+        assert self.swarm is not None
+        ok = await self.swarm.store(NODES, NodeAnnouncement.KIND, self.announcement(state).to_body(),
+                                    self.timeouts.announce_ttl_s)
+        if not ok:
+            logger.warning("announcement (%s) was not stored by any peer", state.value)
+
+    async def heartbeat(self) -> None:
+        assert self.swarm is not None
+        beat = Heartbeat(state=self.state, step=self.step, metrics=dict(self.metrics),
+                         uptime_s=time.time() - self.started_at)
+        ttl = self.timeouts.heartbeat_ttl_s * HEARTBEAT_RETENTION
+        if not await self.swarm.store(HEARTBEATS, Heartbeat.KIND, beat.to_body(), ttl):
+            logger.warning("heartbeat was not stored by any peer")
+
+    async def publish_run_directory(self) -> None:
+        assert self.swarm is not None
+        body = {"run_id": self.run_id, "name": self.spec.run.name, "mode": self.spec.run.mode}
+        await self.swarm.store(RUNS_DIRECTORY, "run.index", body, self.timeouts.announce_ttl_s)
+
+    async def refresh_membership(self) -> dict[bytes, Member]:
+        assert self.swarm is not None
+        members = await read_members(self.swarm, self.run_id, self.timeouts, self.view.failed_rpcs)
+        now = time.time()
+        events = diff_events(self.view.members, members, now)
+        for event in events:
+            logger.info("event: %s %s", event.event, event.detail)
+            self.view.events.append(event)
+        live = sum(1 for m in members.values() if m.state in ("ONLINE", "JOINING"))
+        if live != sum(1 for m in self.view.members.values() if m.state in ("ONLINE", "JOINING")) or events:
+            logger.info("membership: %d live of %d known", live, len(members))
+        self.view.members = members
+        if events:
+            recent = list(self.view.events)[-MAX_PUBLISHED_EVENTS:]
+            await self.swarm.store(EVENTS, Event.KIND, {"events": [e.to_body() for e in recent]},
+                                   self.timeouts.announce_ttl_s)
+        return members
+
+    # ---- RPC handlers ------------------------------------------------------------------------
+
+    async def _handle_ping(self, context: CallContext, args: dict, tensors: dict) -> tuple[dict, dict]:
+        return {"id": self.id, "state": self.state.value, "version": __version__, "time": time.time()}, {}
+
+    async def _handle_echo(self, context: CallContext, args: dict, tensors: dict) -> tuple[dict, dict]:
+        """Sends the caller's tensors back: link probes and transfer tests use it."""
+        return {"received": {name: t.numel() for name, t in tensors.items()}}, tensors
+
+
+async def read_members(
+    swarm: SwarmDHT, run_id: bytes, timeouts: Timeouts, failed_rpcs: dict[bytes, int] | None = None
+) -> dict[bytes, Member]:
+    """The run's membership as one observer sees it now."""
+    nodes, beats = await asyncio.gather(swarm.read(NODES, run_id=run_id), swarm.read(HEARTBEATS, run_id=run_id))
+    announcements: dict[bytes, tuple[float, NodeAnnouncement]] = {}
+    heartbeats: dict[bytes, tuple[float, Heartbeat]] = {}
+    for sender, record in nodes.items():
+        try:
+            announcements[sender] = (record.envelope.timestamp, NodeAnnouncement.from_body(record.msg))
+        except ProtocolError as error:
+            logger.debug("ignored an announcement from %s: %s", node_id_hex(sender)[:12], error)
+    for sender, record in beats.items():
+        try:
+            heartbeats[sender] = (record.envelope.timestamp, Heartbeat.from_body(record.msg))
+        except ProtocolError as error:
+            logger.debug("ignored a heartbeat from %s: %s", node_id_hex(sender)[:12], error)
+    return derive_members(
+        announcements, heartbeats, time.time(), timeouts.heartbeat_ttl_s, failed_rpcs, timeouts.rpc_failures_for_dead
+    )
+
+
+async def read_events(swarm: SwarmDHT, run_id: bytes) -> list[Event]:
+    """Events published by every member, deduplicated and in time order."""
+    records = await swarm.read(EVENTS, run_id=run_id)
+    seen: dict[tuple, Event] = {}
+    for record in records.values():
+        raw = record.msg.get("events", [])
+        if not isinstance(raw, list):
+            continue
+        for item in raw[:MAX_PUBLISHED_EVENTS]:
+            try:
+                event = Event.from_body(item)
+            except ProtocolError:
+                continue
+            # Several observers report the same death a few seconds apart: count it once.
+            seen.setdefault((event.event, event.subject, round(event.at / 30)), event)
+    return sorted(seen.values(), key=lambda e: e.at)

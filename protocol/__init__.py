@@ -1,0 +1,1 @@
+"""swarmtrain protocol package."""

@@ -1,0 +1,301 @@
+"""Run specs: TOML <-> typed dataclasses, canonical bytes, run id, owner signature."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import wire
+from protocol.errors import BadSignature, InvalidSpec
+from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, public_key_bytes, sign, verify
+
+SPEC_DOMAIN = b"swarmtrain/runspec/v1\x00"
+RUN_ID_BYTES = 16
+MODES = ("pipeline", "zo", "experts")
+ACCESS = ("public", "private")
+SWAPS = ("none", "checkfree_plus")
+MAX_STAGES = 1024
+MAX_DOMAINS = 64
+MAX_SPEC_CHARS = 1 << 16
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "swarmtrain-run"
+    mode: str = "pipeline"
+    access: str = "public"
+    created: str = ""  # ISO 8601; make_spec fills in the current UTC time
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tiny"
+    seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class DataSection:
+    domains: list[str] = field(default_factory=lambda: ["default"])  # embedded domain names or paths
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    lr: float = 3e-4
+    batch_size: int = 8
+    steps: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    stages: int = 4
+    blocks_per_stage: list[int] | None = None  # None: split the model's blocks evenly
+    path_length: int = 3
+    swap: str = "checkfree_plus"
+    microbatches: int = 8
+    microbatch_size: int = 4
+
+
+@dataclass(frozen=True)
+class SwarmSection:
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 8.0
+
+
+@dataclass(frozen=True)
+class OwnerSection:
+    public_key: str = ""  # hex of the owner's raw Ed25519 public key
+    signature: str = ""  # hex of the owner's signature over canonical_bytes(spec)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    swarm: SwarmSection = field(default_factory=SwarmSection)
+    owner: OwnerSection = field(default_factory=OwnerSection)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "pipeline": PipelineSection,
+    "swarm": SwarmSection,
+    "owner": OwnerSection,
+}
+
+
+def _type_name(value: Any) -> str:
+    return "table" if isinstance(value, dict) else type(value).__name__
+
+
+def _coerce(path: str, annotation: str, value: Any) -> Any:
+    """Check one TOML value against its field annotation; ints widen to float."""
+    if annotation == "str" and type(value) is str:
+        return value
+    if annotation == "int" and type(value) is int:
+        return value
+    if annotation == "float" and type(value) in (int, float):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise InvalidSpec(f"{path}: number too large") from None
+        if not math.isfinite(value):
+            raise InvalidSpec(f"{path}: must be finite, got {value}")
+        return value
+    if annotation.startswith("list[") and type(value) is list:
+        inner = annotation[5:annotation.index("]")]
+        return [_coerce(f"{path}[{i}]", inner, item) for i, item in enumerate(value)]
+    expected = annotation.replace(" | None", "")
+    raise InvalidSpec(f"{path}: expected {expected}, got {_type_name(value)} {value!r:.40}")
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise InvalidSpec(f"{name}: expected a table, got {_type_name(raw)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InvalidSpec(f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(known)})")
+    values = {key: _coerce(f"{name}.{key}", known[key].type, value) for key, value in raw.items()}
+    return cls(**values)
+
+
+def spec_from_dict(raw: Any) -> RunSpec:
+    """Build and check a RunSpec from nested dicts (parsed TOML); missing keys take defaults."""
+    if not isinstance(raw, dict):
+        raise InvalidSpec(f"run spec must be a table, got {_type_name(raw)}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise InvalidSpec(f"{unknown[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
+    spec = RunSpec(**{name: _section(name, SECTIONS[name], raw[name]) for name in raw})
+    check_spec(spec)
+    return spec
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidSpec(message)
+
+
+def _is_hex(text: str, nbytes: int) -> bool:
+    try:
+        return len(text) == 2 * nbytes and len(bytes.fromhex(text)) == nbytes
+    except ValueError:
+        return False
+
+
+def check_spec(spec: RunSpec) -> None:
+    """Range and consistency checks; raises InvalidSpec naming the key."""
+    run, model, data, train, pipe, swarm, owner = (getattr(spec, name) for name in SECTIONS)
+    _require(0 < len(run.name) <= 64 and run.name.isprintable(), "run.name: 1..64 printable characters")
+    _require(run.mode in MODES, f"run.mode: {run.mode!r} is not one of {', '.join(MODES)}")
+    _require(run.access in ACCESS, f"run.access: {run.access!r} is not one of {', '.join(ACCESS)}")
+    try:
+        datetime.fromisoformat(run.created)
+    except ValueError:
+        raise InvalidSpec(f"run.created: {run.created!r:.40} is not an ISO 8601 date-time") from None
+    _require(0 < len(model.preset) <= 64, "model.preset: 1..64 characters")
+    _require(0 < model.seq_len <= 1 << 20, "model.seq_len: must be in 1..1048576")
+    _require(0 < len(data.domains) <= MAX_DOMAINS, f"data.domains: 1..{MAX_DOMAINS} entries")
+    _require(all(0 < len(d) <= 256 for d in data.domains), "data.domains: each entry 1..256 characters")
+    _require(len(set(data.domains)) == len(data.domains), "data.domains: entries must be distinct")
+    _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction: must be in [0, 1)")
+    _require(0.0 < train.lr < 1e3, "train.lr: must be > 0")
+    _require(train.batch_size > 0, "train.batch_size: must be > 0")
+    _require(train.steps > 0, "train.steps: must be > 0")
+    _require(0 <= train.seed < 1 << 63, "train.seed: must be in 0..2**63-1")
+    _require(0 < pipe.stages <= MAX_STAGES, f"pipeline.stages: must be in 1..{MAX_STAGES}")
+    _require(run.mode != "pipeline" or pipe.stages >= 2, "pipeline.stages: pipeline mode needs at least 2 stages")
+    if pipe.blocks_per_stage is not None:
+        blocks = pipe.blocks_per_stage
+        _require(len(blocks) == pipe.stages, f"pipeline.blocks_per_stage: needs {pipe.stages} entries, got {len(blocks)}")
+        ok = all(count >= (0 if stage == 0 else 1) for stage, count in enumerate(blocks))
+        _require(ok, "pipeline.blocks_per_stage: stage 0 needs >= 0 blocks, the others >= 1")
+    _require(1 <= pipe.path_length <= pipe.stages, "pipeline.path_length: must be in 1..pipeline.stages")
+    _require(pipe.swap in SWAPS, f"pipeline.swap: {pipe.swap!r} is not one of {', '.join(SWAPS)}")
+    _require(pipe.swap != "checkfree_plus" or pipe.stages >= 3, "pipeline.swap: checkfree_plus needs at least 3 stages")
+    _require(pipe.microbatches > 0, "pipeline.microbatches: must be > 0")
+    _require(pipe.microbatch_size > 0, "pipeline.microbatch_size: must be > 0")
+    _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
+    _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
+    _require(owner.public_key == "" or _is_hex(owner.public_key, PUBLIC_KEY_BYTES), "owner.public_key: 64 hex digits")
+    _require(owner.signature == "" or _is_hex(owner.signature, SIGNATURE_BYTES), "owner.signature: 128 hex digits")
+
+
+def spec_to_dict(spec: RunSpec, *, sort: bool = False) -> dict:
+    """Nested dicts (keys sorted if ``sort``); None values are left out because TOML has no null."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {key: clean(obj[key]) for key in (sorted(obj) if sort else obj) if obj[key] is not None}
+        return obj
+
+    return clean(dataclasses.asdict(spec))
+
+
+def canonical_bytes(spec: RunSpec) -> bytes:
+    """Deterministic bytes of everything but the signature: what the owner signs."""
+    raw = spec_to_dict(spec, sort=True)
+    raw["owner"].pop("signature")
+    return wire.pack(raw)
+
+
+def _owner_public(spec: RunSpec) -> bytes:
+    if not spec.owner.public_key:
+        raise InvalidSpec("run spec is not signed (no owner.public_key); sign it with the owner key")
+    return bytes.fromhex(spec.owner.public_key)
+
+
+def run_id(spec: RunSpec) -> bytes:
+    """16-byte run id: blake2b of the canonical spec and the owner's public key."""
+    return hashlib.blake2b(canonical_bytes(spec) + _owner_public(spec), digest_size=RUN_ID_BYTES).digest()
+
+
+def sign_spec(spec: RunSpec, private_key: Ed25519PrivateKey) -> RunSpec:
+    """A copy of ``spec`` owned and signed by ``private_key`` (changing the owner changes the run id)."""
+    owned = dataclasses.replace(spec, owner=OwnerSection(public_key=public_key_bytes(private_key).hex()))
+    signature = sign(private_key, SPEC_DOMAIN, canonical_bytes(owned))
+    return dataclasses.replace(owned, owner=OwnerSection(owned.owner.public_key, signature.hex()))
+
+
+def verify_spec(spec: RunSpec) -> None:
+    """Raise InvalidSpec if unsigned, BadSignature if the signature does not match the spec."""
+    public = _owner_public(spec)
+    if not spec.owner.signature:
+        raise InvalidSpec("run spec is not signed (no owner.signature); sign it with the owner key")
+    try:
+        verify(public, SPEC_DOMAIN, canonical_bytes(spec), bytes.fromhex(spec.owner.signature))
+    except BadSignature:
+        raise BadSignature("run spec signature does not verify: the spec was changed after signing") from None
+
+
+def _mode_defaults(mode: str) -> dict[str, Any]:
+    if mode == "pipeline":
+        return {}
+    return {"stages": 1, "path_length": 1, "swap": "none"}
+
+
+def make_spec(
+    mode: str, preset: str, owner_private_key: Ed25519PrivateKey, access: str = "public", **overrides: Any
+) -> RunSpec:
+    """A signed spec from defaults; overrides are field names (``lr=1e-3``) or whole sections (``train={...}``)."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS if name != "owner"}
+    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    raw["run"].update(mode=mode, access=access, created=created)
+    raw["model"]["preset"] = preset
+    owners = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key, value in {**_mode_defaults(mode), **overrides}.items():
+        if key in raw and isinstance(value, dict):
+            raw[key].update(value)
+        elif key in owners and owners[key] != "owner":
+            raw[owners[key]][key] = value
+        else:
+            raise InvalidSpec(f"{key}: unknown run spec field")
+    return sign_spec(spec_from_dict(raw), owner_private_key)
+
+
+def dumps_spec(spec: RunSpec) -> str:
+    return tomli_w.dumps(spec_to_dict(spec))
+
+
+def loads_spec(text: str) -> RunSpec:
+    if not isinstance(text, str):
+        raise InvalidSpec(f"run spec must be text, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_CHARS:
+        raise InvalidSpec(f"run spec is longer than {MAX_SPEC_CHARS} characters")
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as error:
+        raise InvalidSpec(f"run spec is not valid TOML: {error}") from None
+    return spec_from_dict(raw)
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidSpec(f"run spec file {path} does not exist (create one with: swarmtrain run init)") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec(f"run spec file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise InvalidSpec(f"cannot read run spec file {path}: {error.strerror}") from None
+    try:
+        return loads_spec(text)
+    except InvalidSpec as error:
+        raise InvalidSpec(f"{path}: {error}") from None

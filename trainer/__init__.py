@@ -1,0 +1,1 @@
+"""swarmtrain trainer package."""
