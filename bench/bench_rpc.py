@@ -1,7 +1,7 @@
 """RPC throughput for 64 MiB tensors between two processes on loopback, against a plain TCP copy.
 
 The node process serves ``echo``; this process sends a 64 MiB fp32 tensor and gets it back (signed
-header, streamed bytes, digest check on both sides). The baseline echoes the same bytes through a
+header, streamed bytes, SHA-256 digest on both sides). The baseline echoes the same bytes through a
 plain TCP socket between two processes, in the same run.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
     record(
         f"RPC throughput, {args.mib} MiB fp32 tensor echoed between two processes",
         [
-            f"swarmtrain RPC (p2pd stream, signed header, blake2b digests): median {moved / median_rpc:.0f} MB/s, "
+            f"swarmtrain RPC (p2pd stream, signed header, SHA-256 digests): median {moved / median_rpc:.0f} MB/s, "
             f"best {moved / best_rpc:.0f} MB/s ({args.repeats} round trips)",
             f"plain TCP socket, same bytes, same run: median {moved / median_tcp:.0f} MB/s, best {moved / best_tcp:.0f} MB/s",
             f"RPC / TCP (median): {median_tcp / median_rpc:.2f}",

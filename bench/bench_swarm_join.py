@@ -19,13 +19,14 @@ from bench.common import record  # noqa: E402
 from tests.harness import Cluster, wait_until  # noqa: E402
 
 
-def first_full_view(log: str, nodes: int) -> float | None:
+def first_time(log: str, text: str) -> float | None:
+    """Time of the first JSON log line whose message contains ``text``."""
     for line in log.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("message", "").startswith(f"membership: {nodes} live"):
+        if isinstance(entry, dict) and text in entry.get("message", ""):
             return entry["time"]
     return None
 
@@ -52,10 +53,11 @@ def main() -> None:
             ]
 
             def all_full():
-                times = [first_full_view(node.output(), args.nodes) for node in nodes]
+                times = [first_time(node.output(), f"membership: {args.nodes} live") for node in nodes]
                 return times if all(t is not None for t in times) else None
 
             times = wait_until(all_full, args.timeout, 1.0, f"{args.nodes} nodes to see each other")
+            online = [first_time(node.output(), " is ONLINE in run ") for node in nodes]
         finally:
             cluster.close()
     first, last = min(times) - started, max(times) - started
@@ -63,6 +65,7 @@ def main() -> None:
         f"Swarm formation, {args.nodes} node processes on one machine",
         [
             f"every node sees all {args.nodes} live: {last:.1f} s after start (first node: {first:.1f} s)",
+            f"last node ONLINE at {max(online) - started:.1f} s: the view converged {max(times) - max(online):.1f} s after that",
             "includes process start, torch + hivemind import, p2pd start and DHT bootstrap of every node, "
             "all sharing the machine's cores",
         ],

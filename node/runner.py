@@ -16,7 +16,7 @@ from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, SwarmDHT
 from node.membership import Member, derive_members, diff_events
 from node.roles import RoleChoice, choose_role
-from node.rpc import CallContext, RpcEndpoint
+from node.rpc import CallContext, Handler, RpcEndpoint
 from protocol.access import AccessPolicy
 from protocol.errors import ProtocolError
 from protocol.keys import node_id_hex, public_key_bytes
@@ -94,6 +94,8 @@ class Node:
         self.started_at = time.time()
         self.swarm: SwarmDHT | None = None
         self.rpc: RpcEndpoint | None = None
+        self.handlers: dict[str, Handler] = {"ping": self._handle_ping, "echo": self._handle_echo}
+        self.online = asyncio.Event()  # set once the node has announced itself ONLINE
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -118,8 +120,8 @@ class Node:
         self.rpc = RpcEndpoint(
             p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time
         )
-        self.rpc.register("ping", self._handle_ping)
-        self.rpc.register("echo", self._handle_echo)
+        for method, handler in self.handlers.items():
+            self.rpc.register(method, handler)
         await self.rpc.start()
         await self.refresh_membership()
         self.role = choose_role(
@@ -132,6 +134,7 @@ class Node:
         await self.announce(NodeState.ONLINE)
         await self.publish_run_directory()
         logger.info("node %s is ONLINE in run %s", self.id[:16], self.run_id.hex())
+        self.online.set()
         last_announce = time.monotonic()
         while not stop.is_set():
             await self.heartbeat()
@@ -217,6 +220,12 @@ class Node:
         return members
 
     # ---- RPC handlers ------------------------------------------------------------------------
+
+    def register(self, method: str, handler: Handler) -> None:
+        """Serve ``method``; works before and after the node started."""
+        self.handlers[method] = handler
+        if self.rpc is not None:
+            self.rpc.register(method, handler)
 
     async def _handle_ping(self, context: CallContext, args: dict, tensors: dict) -> tuple[dict, dict]:
         return {"id": self.id, "state": self.state.value, "version": __version__, "time": time.time()}, {}
