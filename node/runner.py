@@ -64,7 +64,16 @@ def timeouts_for_run(config: NodeConfig, spec: RunSpec) -> Timeouts:
 class MembershipView:
     members: dict[bytes, Member] = field(default_factory=dict)
     events: deque = field(default_factory=lambda: deque(maxlen=256))
-    failed_rpcs: dict[bytes, int] = field(default_factory=dict)
+    failed_rpcs: dict[bytes, int] = field(default_factory=dict)  # consecutive failed calls per peer
+    last_failure: dict[bytes, float] = field(default_factory=dict)
+
+    def rpc_failed(self, peer: bytes, now: float) -> None:
+        self.failed_rpcs[peer] = self.failed_rpcs.get(peer, 0) + 1
+        self.last_failure[peer] = now
+
+    def rpc_succeeded(self, peer: bytes) -> None:
+        self.failed_rpcs.pop(peer, None)
+        self.last_failure.pop(peer, None)
 
 
 class Node:
@@ -203,8 +212,14 @@ class Node:
 
     async def refresh_membership(self) -> dict[bytes, Member]:
         assert self.swarm is not None
-        members = await read_members(self.swarm, self.run_id, self.timeouts, self.view.failed_rpcs)
+        announcements, heartbeats = await fetch_member_records(self.swarm, self.run_id)
         now = time.time()
+        for peer, failed_at in list(self.view.last_failure.items()):
+            # a signed heartbeat newer than the last failed call is proof of life: count anew
+            if peer in heartbeats and heartbeats[peer][0] > failed_at:
+                self.view.rpc_succeeded(peer)
+        members = derive_members(announcements, heartbeats, now, self.timeouts.heartbeat_ttl_s,
+                                 self.view.failed_rpcs, self.timeouts.rpc_failures_for_dead)
         events = diff_events(self.view.members, members, now)
         for event in events:
             logger.info("event: %s %s", event.event, event.detail)
@@ -235,10 +250,10 @@ class Node:
         return {"received": {name: t.numel() for name, t in tensors.items()}}, tensors
 
 
-async def read_members(
-    swarm: SwarmDHT, run_id: bytes, timeouts: Timeouts, failed_rpcs: dict[bytes, int] | None = None
-) -> dict[bytes, Member]:
-    """The run's membership as one observer sees it now."""
+async def fetch_member_records(
+    swarm: SwarmDHT, run_id: bytes
+) -> tuple[dict[bytes, tuple[float, NodeAnnouncement]], dict[bytes, tuple[float, Heartbeat]]]:
+    """Announcements and heartbeats of a run, by signer, each with its signed timestamp."""
     nodes, beats = await asyncio.gather(swarm.read(NODES, run_id=run_id), swarm.read(HEARTBEATS, run_id=run_id))
     announcements: dict[bytes, tuple[float, NodeAnnouncement]] = {}
     heartbeats: dict[bytes, tuple[float, Heartbeat]] = {}
@@ -252,9 +267,13 @@ async def read_members(
             heartbeats[sender] = (record.envelope.timestamp, Heartbeat.from_body(record.msg))
         except ProtocolError as error:
             logger.debug("ignored a heartbeat from %s: %s", node_id_hex(sender)[:12], error)
-    return derive_members(
-        announcements, heartbeats, time.time(), timeouts.heartbeat_ttl_s, failed_rpcs, timeouts.rpc_failures_for_dead
-    )
+    return announcements, heartbeats
+
+
+async def read_members(swarm: SwarmDHT, run_id: bytes, timeouts: Timeouts) -> dict[bytes, Member]:
+    """The run's membership as an observer sees it now."""
+    announcements, heartbeats = await fetch_member_records(swarm, run_id)
+    return derive_members(announcements, heartbeats, time.time(), timeouts.heartbeat_ttl_s)
 
 
 async def read_events(swarm: SwarmDHT, run_id: bytes) -> list[Event]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from hivemind.p2p import PeerID
 
 from node.membership import DEAD, Member
-from node.rpc import CallContext, RpcError
+from node.rpc import CallContext, RemoteError, RpcError
 from node.runner import EVENTS, HEARTBEATS, NODES, Node
 from protocol.errors import ProtocolError
 from protocol.keys import node_id_hex
@@ -64,16 +65,19 @@ class HivemindSwarm:
             peer_id = PeerID.from_base58(member.announcement.peer_id)
         except ValueError:
             raise SwarmCallError(f"peer {node_id_hex(peer)[:16]} announced a malformed peer id") from None
-        failures = self.node.view.failed_rpcs
+        view = self.node.view
         try:
             sender, result, out = await self.node.rpc.call(peer_id, method, args, tensors)
+        except RemoteError as error:  # it answered: alive, but refused this call
+            view.rpc_succeeded(peer)
+            raise SwarmCallError(str(error)) from None
         except RpcError as error:
-            failures[peer] = failures.get(peer, 0) + 1
+            view.rpc_failed(peer, time.time())
             raise SwarmCallError(str(error)) from None
         if sender != peer:
-            failures[peer] = failures.get(peer, 0) + 1
+            view.rpc_failed(peer, time.time())
             raise SwarmCallError(f"{member.announcement.peer_id} answered with another node's key")
-        failures.pop(peer, None)
+        view.rpc_succeeded(peer)
         return result, out
 
     def serve(self, method: str, handler: MethodHandler) -> None:

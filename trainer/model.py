@@ -234,6 +234,18 @@ class LM(nn.Module):
             x = block(x, cos, sin)
         return _logits_and_loss(self.norm(x), self.tok_emb, self.head, targets)
 
+    @torch.no_grad()
+    def generate(
+        self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sample a continuation of ``tokens`` (batch, time), cropping the context to max_seq_len."""
+        for _ in range(max_new_tokens):
+            context = tokens[:, -self.cfg.max_seq_len :]
+            logits = self(context)[:, -1, :] / max(temperature, 1e-5)
+            probs = torch.softmax(logits, dim=-1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        return tokens
+
 
 def _logits_and_loss(
     x: torch.Tensor, tok_emb: nn.Embedding, head: nn.Linear | None, targets: torch.Tensor | None
