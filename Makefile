@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?=
 
 .PHONY: demo test setup clean
 
@@ -10,10 +12,10 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run: make PYTHON=python3 ..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Without CUDA, take the CPU build of torch first; a bare requirement would pull the multi-GB CUDA build.
+	# Without CUDA, install torch first from TORCH_INDEX_URL (e.g. PyTorch's CPU wheel index) or the
+	# machine's configured index, so that the project's pin does not pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-		|| $(PY) -m pip install -q torch==2.13.0; \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -1,32 +1,20 @@
-"""Envelope throughput: seal/s and open/s for a small and a 64 KiB body; appends a line to BENCHMARKS.md."""
+"""Envelope throughput: seal/s and open/s for a small and a 64 KiB body, on one core; recorded in BENCHMARKS.md."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol.envelope import Limits, open_envelope, seal
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from bench.common import record  # noqa: E402
+from protocol.envelope import Limits, open_envelope, seal  # noqa: E402
 
 RUN = bytes(range(16))
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nOne line per run, appended by the scripts in bench/.\n\n"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def rate(fn, seconds: float) -> float:
@@ -54,29 +42,20 @@ def measure(body: dict, seconds: float) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
-    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--no-record", action="store_true", help="print the figures, do not append to BENCHMARKS.md")
     args = parser.parse_args()
     cases = {
         "small": {"state": "online", "step": 123, "metrics": {"loss": 2.5, "lr": 3e-4}, "uptime_s": 12.0},
         "64KiB": {"blob": os.urandom(64 * 1024)},
     }
-    figures = []
+    lines = []
     for name, body in cases.items():
         seal_rate, open_rate, size = measure(body, args.seconds)
-        line = f"{name} ({size} B): seal {seal_rate:,.0f}/s, open {open_rate:,.0f}/s"
-        print(line, flush=True)
-        figures.append(line)
+        lines.append(f"{name} ({size} B): seal {seal_rate:,.0f}/s, open {open_rate:,.0f}/s")
     if args.no_record:
-        return
-    machine = f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench/bench_envelope.py", *sys.argv[1:]])
-    entry = f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} | {machine} | `{command}` | envelope: {'; '.join(figures)}\n"
-    new = not BENCHMARKS.exists()
-    with BENCHMARKS.open("a", encoding="utf-8") as handle:
-        if new:
-            handle.write(HEADER)
-        handle.write(entry)
-    print(f"appended to {BENCHMARKS}")
+        print("\n".join(lines))
+    else:
+        record("Envelope throughput, seal and open (Ed25519, msgpack), one core", lines)
 
 
 if __name__ == "__main__":

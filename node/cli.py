@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from node import __version__
-from node.config import ConfigError, NodeConfig, Timeouts, load_node_config
+from node.config import ConfigError, load_node_config
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.logs import setup_logging
 
@@ -30,15 +29,23 @@ class CliError(Exception):
 # ---- argument parsing ------------------------------------------------------------------------
 
 
-def _add_swarm_flags(parser: argparse.ArgumentParser, *, with_identity: bool = True) -> None:
+SETTINGS_EPILOG = (
+    "Every flag can also be set as an environment variable SWARMTRAIN_<FLAG> (e.g. SWARMTRAIN_PUBLIC_NAME, "
+    "SWARMTRAIN_INITIAL_PEERS as a comma-separated list, SWARMTRAIN_TIMEOUT_RPC_S) or in the [node] table of the "
+    "--config file. Flags win over the environment, which wins over the file."
+)
+
+
+def _add_swarm_flags(parser: argparse.ArgumentParser, *, listens: bool = True) -> None:
     parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=None,
                         help="multiaddrs of peers already in the swarm (from `swarmtrain bootstrap`)")
-    parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
-                        help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/0)")
-    parser.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
-                        help="multiaddrs to tell others, e.g. a public IP behind NAT")
-    parser.add_argument("--port", type=int, default=None, help="TCP port to listen on (shorthand for --host-maddrs)")
-    if with_identity:
+    if listens:  # status reads the swarm as a client: it listens nowhere and needs no identity
+        parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
+                            help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/0)")
+        parser.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
+                            help="multiaddrs to tell others, e.g. a public IP behind NAT")
+        parser.add_argument("--port", type=int, default=None,
+                            help="TCP port to listen on (shorthand for --host-maddrs)")
         parser.add_argument("--data-dir", default=None, help="directory for the node key, cache and logs")
     parser.add_argument("--config", default=None, help="TOML file with node settings ([node] table)")
     parser.add_argument("--log-format", choices=("plain", "json"), default=None, help="log line format")
@@ -77,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--node", required=True, help="the node's public key (hex, printed by keygen or node)")
     issue.add_argument("--valid-hours", type=float, default=24.0, help="how long the token is valid")
 
-    bootstrap = commands.add_parser("bootstrap", help="run a DHT bootstrap peer and print the multiaddrs to share")
+    bootstrap = commands.add_parser("bootstrap", help="run a DHT bootstrap peer and print the multiaddrs to share",
+                                    epilog=SETTINGS_EPILOG)
     _add_swarm_flags(bootstrap)
 
-    node = commands.add_parser("node", help="join a run as a training node")
+    node = commands.add_parser("node", help="join a run as a training node", epilog=SETTINGS_EPILOG)
     node.add_argument("--run", default=None, help="the signed run spec (TOML)")
     _add_swarm_flags(node)
     node.add_argument("--public-name", default=None, help="name shown on the status page")
@@ -92,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--client-mode", action="store_true", default=None,
                       help="do not accept incoming DHT connections (behind NAT without relay)")
 
-    status = commands.add_parser("status", help="show the swarm's runs and nodes")
-    _add_swarm_flags(status, with_identity=False)
+    status = commands.add_parser("status", help="show the swarm's runs and nodes", epilog=SETTINGS_EPILOG)
+    _add_swarm_flags(status, listens=False)
     status.add_argument("--run", default=None, help="only this run (spec path)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -132,6 +140,8 @@ def cmd_run_init(args: argparse.Namespace) -> int:
     from protocol.runspec import dumps_spec, make_spec, run_id
 
     out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"{out} is a directory; --out takes the path of the spec file to write, e.g. {out / 'run.toml'}")
     if out.exists() and not args.force:
         raise CliError(f"{out} already exists; pass --force to overwrite it")
     overrides: dict[str, Any] = {}
@@ -140,9 +150,32 @@ def cmd_run_init(args: argparse.Namespace) -> int:
     if args.stages is not None:
         overrides["stages"] = args.stages
     spec = make_spec(args.mode, args.preset, read_private_key(Path(args.key)), access=args.access, **overrides)
+    _check_model_fits(spec)
     out.write_text(dumps_spec(spec))
     print(f"run id {run_id(spec).hex()} written to {out}")
     return 0
+
+
+def _model_config(preset: str):
+    from trainer.model import PRESETS
+
+    if preset not in PRESETS:
+        raise CliError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _check_model_fits(spec) -> None:
+    """A spec whose stages cannot hold the model would be signed, shared, and fail on every node."""
+    from trainer.model import stage_block_ranges
+
+    model = _model_config(spec.model.preset)
+    if spec.run.mode != "pipeline":
+        return
+    try:
+        stage_block_ranges(model.n_layers, spec.pipeline.stages, spec.pipeline.blocks_per_stage)
+    except ValueError as error:
+        raise CliError(f"preset {spec.model.preset} has {model.n_layers} blocks, too few for "
+                       f"{spec.pipeline.stages} stages ({error}); use fewer --stages or a larger --preset") from None
 
 
 def load_verified_spec(path: str):
@@ -195,7 +228,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from protocol.keys import generate_private_key
 
     config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level or "INFO")
     key = load_or_create_identity(_ensure_data_dir(config.data_dir)) if args.data_dir else generate_private_key()
     # The bootstrap peer belongs to no run: it stores every run's (signature-checked) records.
     swarm = SwarmDHT(key, b"", None, config.timeouts, initial_peers=config.initial_peers,
@@ -231,16 +264,27 @@ def _ensure_data_dir(path: str) -> Path:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from protocol.access import token_from_text
-    from node.runner import Node
+    from protocol.keys import public_key_bytes
+    from protocol.runspec import run_id
 
     config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
-    setup_logging(config.log_format, config.log_level)
     spec = load_verified_spec(config.run)
+    token = token_from_text(config.token) if config.token else None
+    setup_logging(config.log_format, config.log_level or "INFO")
+    from node.roles import choose_role  # torch and hivemind: imported once the cheap checks passed
+    from node.runner import Node
+
+    # Judge the role request before the swarm starts, not after a minute of DHT bootstrap.
+    choose_role(spec.run.mode, spec.pipeline.stages, {}, config.role, config.stage)
     data_dir = _ensure_data_dir(config.data_dir)
     key = load_or_create_identity(data_dir)
-    token = token_from_text(config.token) if config.token else None
+    node_id = public_key_bytes(key).hex()
+    # First, so that the owner of a private run can be asked for a token for this id.
+    logger.info("node id %s (public key), run %s", node_id, run_id(spec).hex())
+    if spec.run.access == "private" and token is None and node_id != spec.owner.public_key:
+        raise CliError(f"run {spec.run.name!r} is private: ask its owner for a join token for node {node_id} "
+                       f"(swarmtrain token issue --run RUN --key OWNER_KEY --node {node_id}) and pass it with --token")
     node = Node(config, spec, key, token)
-    logger.info("node id %s (public key), run %s", node.id, node.run_id.hex())
     maddrs = node.start()
     try:
         print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
@@ -280,6 +324,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("plain", "WARNING")
     if args.steps <= 0:
         raise CliError("--steps must be positive")
+    _model_config(args.preset)
     config = TrainConfig(preset=args.preset, steps=args.steps)
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
           f"(domains: {', '.join(config.domains) if config.domains else 'all'})", flush=True)
@@ -294,7 +339,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = train_single_process(config, report)
     drop = 100 * (1 - result.final_val_loss / result.initial_val_loss)
     print(f"validation loss {result.initial_val_loss:.3f} -> {result.final_val_loss:.3f} ({drop:.0f}% lower)")
+    print(_sample_text(result.model, "def "), flush=True)
     return 0
+
+
+def _sample_text(model, prompt: str) -> str:
+    import torch
+
+    from trainer.data import decode, encode
+
+    model.eval()
+    tokens = torch.tensor([encode(prompt)], dtype=torch.long)
+    out = model.generate(tokens, 160, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    return f"a sample from the trained model, prompted with {prompt!r}:\n{decode(out[0])}"
+
 
 
 COMMANDS = {
@@ -314,29 +372,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = {"init": cmd_run_init, "show": cmd_run_show}[args.run_command]
     elif args.command == "token":
         handler = cmd_token_issue
+    command = " ".join(filter(None, (args.command, getattr(args, "run_command", None),
+                                     getattr(args, "token_command", None))))
     try:
         return handler(args)
     except KeyboardInterrupt:
         return 130
     except (CliError, ConfigError, IdentityError) as error:
-        print(f"swarmtrain {args.command}: error: {error}", file=sys.stderr)
+        print(f"swarmtrain {command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as error:  # noqa: BLE001 - mapped to one line below when it is a known user error
         message = _known_error(error)
         if message is None:
             raise
-        print(f"swarmtrain {args.command}: error: {message}", file=sys.stderr)
+        print(f"swarmtrain {command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
 
 
 def _known_error(error: Exception) -> str | None:
     """Turn the library's specific errors into one line; unknown errors keep their traceback."""
-    from node.dht import SwarmStartError
-    from node.roles import RoleError
-    from node.runner import DeviceError
     from protocol.errors import ProtocolError
 
-    if isinstance(error, (SwarmStartError, DeviceError, RoleError)):
+    # Only modules already imported can have raised; importing torch and hivemind here would
+    # add seconds to every error message.
+    user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
+                   (("node.dht", "SwarmStartError"), ("node.runner", "DeviceError"), ("node.roles", "RoleError"))]
+    if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):
         return f"{type(error).__name__}: {error}"
@@ -344,6 +405,8 @@ def _known_error(error: Exception) -> str | None:
         return f"file not found: {error.filename}"
     if isinstance(error, PermissionError):
         return f"permission denied: {error.filename}"
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror}: {error.filename}"
     return None
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "SWARMTRAIN_"
 
@@ -49,7 +50,7 @@ class NodeConfig:
     client_mode: bool = False
     token: str = ""  # join token text for a private run
     log_format: str = "plain"
-    log_level: str = "INFO"
+    log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def resolved_host_maddrs(self) -> tuple[str, ...]:
@@ -58,54 +59,79 @@ class NodeConfig:
         return self.host_maddrs
 
 
-def _coerce(name: str, raw: Any, like: Any) -> Any:
-    """Turn a TOML/env/flag value into the type of the default ``like``."""
-    try:
-        if isinstance(like, bool):
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(like, tuple):
-            if isinstance(raw, str):
-                return tuple(part for part in (p.strip() for p in raw.split(",")) if part)
-            if isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
-                return tuple(raw)
-            raise ValueError(raw)
-        if isinstance(like, float):
-            return float(raw)
-        if isinstance(like, int) or (like is None and name in ("port", "stage")):
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            return int(raw)
-        if isinstance(like, str):
-            if not isinstance(raw, (str, int, float)):
-                raise ValueError(raw)
-            return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config value {name}={raw!r} is not a valid {type(like).__name__}") from None
-    return raw
+def _kind(annotation: str) -> str:
+    """The value kind of a field from its annotation (a string: this module uses postponed annotations)."""
+    for kind in ("bool", "tuple", "float", "int", "str"):
+        if annotation.startswith(kind):
+            return kind
+    raise TypeError(f"no coercion for a field annotated {annotation!r}")
 
 
-def _apply(base: Any, values: Mapping[str, Any], source: str) -> Any:
+_KIND_NAMES = {"bool": "boolean (true/false)", "tuple": "list of strings", "float": "finite number",
+               "int": "integer", "str": "string"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _coerce(kind: str, raw: Any) -> Any:
+    """Turn a TOML/env/flag value into ``kind``; strings come from the environment, typed values from TOML."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if kind == "bool" and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        if kind == "tuple":
+            return tuple(part for part in (p.strip() for p in text.split(",")) if part)
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            value = float(text)
+        elif kind == "str":
+            return raw
+        else:
+            raise ValueError(raw)
+    elif isinstance(raw, bool):
+        if kind != "bool":
+            raise ValueError(raw)
+        return raw
+    elif kind == "int" and isinstance(raw, int):
+        return raw
+    elif kind == "float" and isinstance(raw, (int, float)):
+        value = float(raw)
+    elif kind == "tuple" and isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
+        return tuple(raw)
+    else:
+        raise ValueError(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _apply(base: Any, values: Mapping[str, Any], source: str, label: Callable[[tuple[str, ...]], str],
+           path: tuple[str, ...] = ()) -> Any:
     known = {f.name: f for f in fields(base)}
     updates: dict[str, Any] = {}
     for key, raw in values.items():
         name = key.replace("-", "_")
+        where = label((*path, key))
         if name not in known:
-            raise ConfigError(f"unknown setting {key!r} in {source}")
+            raise ConfigError(f"unknown setting {where!r} in {source} (known: {', '.join(known)})")
         current = getattr(base, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(raw, Mapping):
-                raise ConfigError(f"setting {key!r} in {source} must be a table")
-            updates[name] = _apply(current, raw, f"{source} [{key}]")
-        else:
-            updates[name] = _coerce(name, raw, current)
+                raise ConfigError(f"setting {where!r} in {source} must be a table")
+            updates[name] = _apply(current, raw, source, label, (*path, key))
+            continue
+        kind = _kind(known[name].type)
+        try:
+            updates[name] = _coerce(kind, raw)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}={raw!r} in {source} is not a valid {_KIND_NAMES[kind]}") from None
     return dataclasses.replace(base, **updates)
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    if len(path) == 2 and path[0] == "timeouts":
+        return f"{ENV_PREFIX}TIMEOUT_{path[1].upper()}"
+    return ENV_PREFIX + "_".join(path).upper()
 
 
 def load_node_config(
@@ -120,37 +146,50 @@ def load_node_config(
         if not path.is_file():
             raise ConfigError(f"config file {config_path} does not exist")
         try:
-            table = tomllib.loads(path.read_text())
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"config file {config_path} is not valid TOML: {error}") from None
-        config = _apply(config, table.get("node", table), f"config file {config_path}")
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
+        config = _apply(config, table.get("node", table), f"config file {config_path}", ".".join)
     env = os.environ if env is None else env
     env_values: dict[str, Any] = {}
     for f in fields(NodeConfig):
         if f.name == "timeouts":
             for t in fields(Timeouts):
-                key = f"{ENV_PREFIX}TIMEOUT_{t.name.upper()}"
+                key = _env_name(("timeouts", t.name))
                 if key in env:
                     env_values.setdefault("timeouts", {})[t.name] = env[key]
             continue
-        key = ENV_PREFIX + f.name.upper()
+        key = _env_name((f.name,))
         if key in env:
             env_values[f.name] = env[key]
-    config = _apply(config, env_values, "environment")
-    config = _apply(config, {k: v for k, v in flags.items() if v is not None}, "command line")
+    config = _apply(config, env_values, "the environment", _env_name)
+    flag_values = {k: v for k, v in flags.items() if v is not None}
+    config = _apply(config, flag_values, "the command line", lambda path: "--" + path[-1].replace("_", "-"))
     validate(config)
     return config
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ROLES = ("auto", "data", "stage")
 
 
 def validate(config: NodeConfig) -> None:
     if config.port is not None and not 0 <= config.port <= 65535:
         raise ConfigError(f"--port {config.port} is outside 0..65535")
+    if config.stage is not None and config.stage < 0:
+        raise ConfigError(f"--stage {config.stage} is negative; stages are numbered from 0")
+    if config.role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {config.role!r}")
     if config.log_format not in ("plain", "json"):
         raise ConfigError(f"--log-format must be plain or json, not {config.log_format!r}")
+    if config.log_level and config.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if len(config.public_name) > 64:
         raise ConfigError("--public-name is longer than 64 characters")
-    for name in ("heartbeat_interval_s", "heartbeat_ttl_s", "rpc_s", "dht_s", "startup_s"):
-        if getattr(config.timeouts, name) <= 0:
-            raise ConfigError(f"timeout {name} must be positive")
+    for f in fields(Timeouts):
+        if getattr(config.timeouts, f.name) <= 0:
+            raise ConfigError(f"timeout {f.name} must be positive, not {getattr(config.timeouts, f.name)}")
     if config.timeouts.heartbeat_ttl_s <= config.timeouts.heartbeat_interval_s:
         raise ConfigError("heartbeat_ttl_s must be larger than heartbeat_interval_s")

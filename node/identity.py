@@ -32,10 +32,35 @@ def write_private_key(path: Path, key: Ed25519PrivateKey, *, overwrite: bool = F
             handle.write(private_key_to_pem(key))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except FileExistsError:
+        _remove(tmp)
+        raise IdentityError(f"{path} already exists; refusing to overwrite a key (remove it first)") from None
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise IdentityError(f"cannot write key file {path}: {error.strerror}") from None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. a parent that is not a directory: nothing was created
+        pass
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists: two nodes started on one data dir keep one key."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: fall back to the checked rename
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 def read_private_key(path: Path) -> Ed25519PrivateKey:

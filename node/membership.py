@@ -22,6 +22,7 @@ class Member:
     heartbeat: Heartbeat | None
     state: str  # JOINING, ONLINE, LEAVING or DEAD
     last_seen: float  # timestamp of the newest signed record from the node
+    dead_reason: str = ""  # why the observer judged the node DEAD; empty unless it is
 
     def last_seen_s(self, now: float) -> float:
         return max(0.0, now - self.last_seen)
@@ -65,7 +66,9 @@ def derive_state(
         return NodeState.LEAVING.value
     if failed_rpcs >= rpc_failures_for_dead:
         return DEAD
-    last = heartbeat_at if heartbeat_at is not None else announced_at
+    # The newest signed record counts: a node restarted with its old key has a fresh announcement
+    # but a stale heartbeat from its previous life until its first new heartbeat lands.
+    last = max(announced_at, heartbeat_at) if heartbeat_at is not None else announced_at
     if now - last > heartbeat_ttl_s:
         return DEAD
     return newest_said.value
@@ -95,7 +98,14 @@ def derive_members(
             rpc_failures_for_dead,
         )
         last_seen = max(announced_at, heartbeat_at or 0.0)
-        members[key] = Member(node_id_hex(key), key, announcement, heartbeat, state, last_seen)
+        reason = ""
+        if state == DEAD:
+            failed = failed_rpcs.get(key, 0)
+            if failed >= rpc_failures_for_dead:
+                reason = f"{failed} RPCs in a row failed"
+            else:
+                reason = f"no heartbeat for {max(0.0, now - last_seen):.1f} s"
+        members[key] = Member(node_id_hex(key), key, announcement, heartbeat, state, last_seen, reason)
     return members
 
 
@@ -107,7 +117,8 @@ def diff_events(previous: Mapping[bytes, Member], current: Mapping[bytes, Member
         name = member.announcement.public_name or member.id[:12]
         if member.state == DEAD and (before is None or before.state != DEAD):
             if before is not None:
-                events.append(Event("dead", key, f"{name}: no heartbeat for {member.last_seen_s(now):.1f} s", now))
+                reason = member.dead_reason or f"no heartbeat for {member.last_seen_s(now):.1f} s"
+                events.append(Event("dead", key, f"{name}: {reason}", now))
         elif member.state == NodeState.LEAVING.value and (before is None or before.state != member.state):
             events.append(Event("leave", key, f"{name} is leaving", now))
         elif member.state in (NodeState.ONLINE.value, NodeState.JOINING.value) and (

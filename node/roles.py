@@ -32,6 +32,10 @@ def choose_role(
         raise RoleError(f"role {requested!r} is not one of auto, data, stage for a pipeline run")
     if stage is not None and not 0 <= stage < num_stages:
         raise RoleError(f"stage {stage} does not exist: the run has stages 0..{num_stages - 1}")
+    if requested == "data" and stage not in (None, 0):
+        raise RoleError(f"--role data serves stage 0, not stage {stage}; drop one of --role data and --stage")
+    if requested == "stage" and stage == 0:
+        raise RoleError("stage 0 is the data role: use --role data (or --stage 1..) instead of --role stage --stage 0")
     if requested == "data":
         return RoleChoice(Role.DATA, 0, "requested the data role (stage 0)")
     if stage is not None:

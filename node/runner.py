@@ -53,8 +53,14 @@ def resolve_device(requested: str) -> str:
 
 
 def timeouts_for_run(config: NodeConfig, spec: RunSpec) -> Timeouts:
-    """Heartbeat timing is a property of the run: every node must judge liveness the same way."""
+    """Heartbeat timing is a property of the run: every node must judge liveness the same way, so the
+    run spec's values replace any local setting (with a warning when a local one was given)."""
     swarm = spec.swarm
+    defaults = Timeouts()
+    for name in ("heartbeat_interval_s", "heartbeat_ttl_s"):
+        local = getattr(config.timeouts, name)
+        if local != getattr(defaults, name) and local != getattr(swarm, name):
+            logger.warning("ignoring the local %s=%s: the run spec sets it to %s", name, local, getattr(swarm, name))
     return dataclasses.replace(
         config.timeouts, heartbeat_interval_s=swarm.heartbeat_interval_s, heartbeat_ttl_s=swarm.heartbeat_ttl_s
     )
@@ -124,15 +130,35 @@ class Node:
         return self.swarm.visible_maddrs()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Join, then tick (heartbeat, refresh, membership) until ``stop``; always leave and close."""
         assert self.swarm is not None, "start() first"
+        try:
+            await self._join()
+            last_announce = time.monotonic()
+            while not stop.is_set():
+                await self.heartbeat()
+                if time.monotonic() - last_announce > self.timeouts.announce_ttl_s / 3:
+                    await self.announce(self.state)
+                    await self.publish_run_directory()
+                    last_announce = time.monotonic()
+                await self.refresh_membership()
+                try:
+                    await asyncio.wait_for(stop.wait(), self.timeouts.heartbeat_interval_s)
+                except TimeoutError:
+                    pass  # the periodic tick
+        finally:
+            if self.role is not None:
+                await self.leave()
+            await self.swarm.close_p2p()
+
+    async def _join(self) -> None:
+        assert self.swarm is not None
         p2p = await self.swarm.p2p()
-        self.rpc = RpcEndpoint(
-            p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time
-        )
+        self.rpc = RpcEndpoint(p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time)
         for method, handler in self.handlers.items():
             self.rpc.register(method, handler)
         await self.rpc.start()
-        await self.refresh_membership()
+        await self.refresh_membership(first=True)
         self.role = choose_role(
             self.spec.run.mode, self.spec.pipeline.stages, self.view.members, self.config.role, self.config.stage
         )
@@ -144,20 +170,6 @@ class Node:
         await self.publish_run_directory()
         logger.info("node %s is ONLINE in run %s", self.id[:16], self.run_id.hex())
         self.online.set()
-        last_announce = time.monotonic()
-        while not stop.is_set():
-            await self.heartbeat()
-            if time.monotonic() - last_announce > self.timeouts.announce_ttl_s / 3:
-                await self.announce(self.state)
-                await self.publish_run_directory()
-                last_announce = time.monotonic()
-            await self.refresh_membership()
-            try:
-                await asyncio.wait_for(stop.wait(), self.timeouts.heartbeat_interval_s)
-            except TimeoutError:
-                pass  # the periodic tick
-        await self.leave()
-        await self.swarm.close_p2p()
 
     async def leave(self) -> None:
         """Say LEAVING where observers look for it, then stop; bounded by leave_grace_s."""
@@ -210,7 +222,9 @@ class Node:
         body = {"run_id": self.run_id, "name": self.spec.run.name, "mode": self.spec.run.mode}
         await self.swarm.store(RUNS_DIRECTORY, "run.index", body, self.timeouts.announce_ttl_s)
 
-    async def refresh_membership(self) -> dict[bytes, Member]:
+    async def refresh_membership(self, first: bool = False) -> dict[bytes, Member]:
+        """Re-read the run's members; changes since the last view become events (not on the first view:
+        nodes that were already there when we joined did not just join)."""
         assert self.swarm is not None
         announcements, heartbeats = await fetch_member_records(self.swarm, self.run_id)
         now = time.time()
@@ -220,7 +234,7 @@ class Node:
                 self.view.rpc_succeeded(peer)
         members = derive_members(announcements, heartbeats, now, self.timeouts.heartbeat_ttl_s,
                                  self.view.failed_rpcs, self.timeouts.rpc_failures_for_dead)
-        events = diff_events(self.view.members, members, now)
+        events = [] if first else diff_events(self.view.members, members, now)
         for event in events:
             logger.info("event: %s %s", event.event, event.detail)
             self.view.events.append(event)
