@@ -29,6 +29,8 @@ class Timeouts:
     heartbeat_ttl_s: float = 8.0  # a node whose heartbeat is older than this is DEAD
     announce_ttl_s: float = 60.0  # announcements are refreshed at a third of this
     rpc_failures_for_dead: int = 3  # consecutive failed RPCs that declare a peer dead
+    averaging_matchmaking_s: float = 3.0  # how long peers gather into an averaging group
+    averaging_s: float = 60.0  # one all-reduce once the group formed
     leave_grace_s: float = 5.0  # time to publish LEAVING and shut down on SIGTERM
 
     def transfer_s(self, nbytes: int) -> float:

@@ -25,7 +25,7 @@ from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, Sequencer
 from protocol.errors import ProtocolError
 from protocol.keys import public_key_bytes
-from protocol.records import RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
+from protocol.records import RECORD_NAMES, RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ class SwarmDHT:
         self.token = token
         self.record_limits = record_limits
         self._seq = Sequencer()
-        validator = SwarmRecordValidator(run_id or None, access, record_limits)
+        # A run's node validates its own record families (and the runs directory) on every store; other
+        # keys pass, because the same DHT carries hivemind's averager matchmaking. Readers still open
+        # and check every record they read (see ``read``).
+        validator = SwarmRecordValidator(run_id or None, access, record_limits, managed_names=RECORD_NAMES)
         try:
             self.dht = DHT(
                 initial_peers=list(initial_peers) or None,

@@ -12,6 +12,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node import __version__
+from node.averaging import GroupAveraging
 from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, SwarmDHT
 from node.membership import Member, derive_members, diff_events
@@ -109,6 +110,7 @@ class Node:
         self.started_at = time.time()
         self.swarm: SwarmDHT | None = None
         self.rpc: RpcEndpoint | None = None
+        self._averaging: GroupAveraging | None = None
         self.handlers: dict[str, Handler] = {"ping": self._handle_ping, "echo": self._handle_echo}
         self.online = asyncio.Event()  # set once the node has announced itself ONLINE
 
@@ -181,7 +183,17 @@ class Node:
         except TimeoutError:
             logger.warning("could not publish LEAVING within %.0f s", self.timeouts.leave_grace_s)
 
+    def averaging(self) -> GroupAveraging:
+        """The node's group averagers, created on first use (each averager is a forked process)."""
+        assert self.swarm is not None, "start() first"
+        if self._averaging is None:
+            self._averaging = GroupAveraging(self.swarm.dht, f"swarmtrain/{self.run_id.hex()}/avg", self.timeouts,
+                                             client_mode=self.config.client_mode)
+        return self._averaging
+
     def shutdown(self) -> None:
+        if self._averaging is not None:
+            self._averaging.shutdown()
         if self.swarm is not None:
             self.swarm.shutdown()
 

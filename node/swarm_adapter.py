@@ -7,6 +7,7 @@ import time
 import torch
 from hivemind.p2p import PeerID
 
+from node.averaging import AveragingError
 from node.membership import DEAD, Member
 from node.rpc import CallContext, RemoteError, RpcError
 from node.runner import EVENTS, HEARTBEATS, NODES, Node
@@ -91,6 +92,15 @@ class HivemindSwarm:
             raise ValueError(f"record name {name!r} is reserved for the node itself")
         assert self.node.swarm is not None, "the node has not started"
         return await self.node.swarm.store(name, f"app/{name}"[:64], body, ttl_s)
+
+    async def average(
+        self, group: str, tensors: Tensors, weight: float = 1.0, *, group_size: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        try:
+            result = await self.node.averaging().average(group, tensors, weight, group_size)
+        except AveragingError as error:
+            raise SwarmCallError(str(error)) from None
+        return result.tensors, result.group_size
 
     async def read(self, name: str) -> dict[bytes, dict]:
         assert self.node.swarm is not None, "the node has not started"

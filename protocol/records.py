@@ -134,7 +134,9 @@ class SwarmRecordValidator(RecordValidatorBase):
         self.clock = clock
         self.rejections: Counter[str] = Counter()
         self._managed = (
-            None if managed_names is None or run_id is None else {key_id(dht_key(run_id, n)) for n in managed_names}
+            None
+            if managed_names is None or run_id is None
+            else {key_id(dht_key(run_id, n)) for n in managed_names} | {key_id(k) for k in GLOBAL_KEYS}
         )
 
     def validate(self, record: DHTRecord) -> bool:

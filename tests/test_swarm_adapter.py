@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
 from protocol.keys import generate_private_key
 from protocol.runspec import make_spec
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_until
 from trainer.swarm import SwarmCallError
 
 pytestmark = pytest.mark.slow
@@ -74,6 +76,20 @@ def test_peers_call_serve_publish_read(tmp_path):
                 assert records[a.my_id] == {"value": 7}
                 with pytest.raises(ValueError):
                     await a.publish("heartbeats", {"forged": True}, 30)
+
+                # weighted group averaging through hivemind's averager: sum(w * x) / sum(w), same on both
+                g = torch.Generator().manual_seed(1)
+                xa = {"w": torch.randn(4096, generator=g), "b": torch.randn(3, 5, generator=g)}
+                xb = {"w": torch.randn(4096, generator=g), "b": torch.randn(3, 5, generator=g)}
+                (ra, na), (rb, nb) = await asyncio.gather(
+                    a.average("stage-1", xa, weight=1.0), b.average("stage-1", xb, weight=3.0)
+                )
+                assert na == nb == 2
+                for name in xa:
+                    expected = (xa[name] + 3 * xb[name]) / 4
+                    assert torch.allclose(ra[name], expected, atol=1e-6)
+                    assert torch.allclose(ra[name], rb[name], rtol=0, atol=1e-6)  # equal up to rounding
+                    assert not torch.allclose(ra[name], xa[name], atol=1e-2)  # really moved
             finally:
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -83,3 +99,21 @@ def test_peers_call_serve_publish_read(tmp_path):
         for node in nodes:
             node.shutdown()
         assert cluster.close() == []
+    # the DHT and averager children of both in-process nodes are gone
+    wait_until(lambda: not _live_children(), 15, 0.2, "the nodes' child processes to exit")
+
+
+
+def _live_children() -> list[int]:
+    """Our live child processes, except torch's shared-memory manager (torch's own, process-wide)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                if not Path(f"/proc/{entry}/cmdline").read_bytes().startswith(b"torch_shm_manager"):
+                    children.append(int(entry))
+    return children

@@ -57,3 +57,12 @@ class Swarm(Protocol):
     async def read(self, name: str) -> dict[bytes, dict]:
         """Every valid record under ``name``, by signer."""
         ...
+
+    async def average(
+        self, group: str, tensors: Tensors, weight: float = 1.0, *, group_size: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Weighted average of ``tensors`` with the peers averaging ``group`` at the same time
+        (sum of weight * tensor over sum of weights); returns the result and the group's size.
+        Group members' results agree to within float rounding. Raises SwarmCallError when no
+        group forms in time."""
+        ...
