@@ -15,18 +15,24 @@ import ctypes
 import hashlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 
 from node.config import Timeouts
+from protocol.access import AccessPolicy
+from protocol.envelope import Limits, Sequencer, open_envelope, seal
+from protocol.errors import MalformedMessage, ProtocolError, WrongKey
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+JOIN_KIND = "avg.join"
 
 
 class AveragingError(RuntimeError):
@@ -56,19 +62,37 @@ def _layout_digest(layout: tuple) -> str:
     return hashlib.sha256(repr(layout).encode()).hexdigest()[:12]
 
 
-class GroupAveraging:
-    """All averagers of one node, keyed by group name and tensor layout."""
+@dataclass(frozen=True)
+class Credentials:
+    """What a node shows its averaging group: hivemind's averager itself checks nobody."""
 
-    def __init__(self, dht: DHT, prefix: str, timeouts: Timeouts, *, client_mode: bool = False):
+    key: Ed25519PrivateKey
+    run_id: bytes
+    access: AccessPolicy
+    token: bytes | None
+    peer_id: str
+
+
+class GroupAveraging:
+    """All averagers of one node, keyed by group name, group size and tensor layout.
+
+    Each member passes a signed "avg.join" envelope through hivemind's all-gather; a round whose
+    group holds a peer that is not allowed in the run (bad signature, no token in a private run,
+    an envelope borrowed from another peer, another layout) is discarded.
+    """
+
+    def __init__(self, dht: DHT, prefix: str, timeouts: Timeouts, credentials: Credentials, *, client_mode: bool = False):
         self._dht = dht
         self._prefix = prefix
         self._timeouts = timeouts
+        self._credentials = credentials
+        self._seq = Sequencer()
         self._client_mode = client_mode
-        self._averagers: dict[tuple[str, tuple], _ReapedAverager] = {}
+        self._averagers: dict[tuple, _ReapedAverager] = {}
         self._lock = asyncio.Lock()
 
     async def _averager(self, group: str, tensors: Mapping[str, torch.Tensor], group_size: int | None) -> _ReapedAverager:
-        key = (group, _layout(tensors))
+        key = (group, group_size, _layout(tensors))
         averager = self._averagers.get(key)
         if averager is None:
             names = sorted(tensors)
@@ -76,7 +100,7 @@ class GroupAveraging:
                 [torch.zeros_like(tensors[name], device="cpu") for name in names],
                 self._dht,
                 start=False,
-                prefix=f"{self._prefix}/{group}/{_layout_digest(key[1])}",
+                prefix=f"{self._prefix}/{group}/{_layout_digest(key[2])}",
                 target_group_size=group_size,
                 min_group_size=2,
                 min_matchmaking_time=self._timeouts.averaging_matchmaking_s,
@@ -92,9 +116,36 @@ class GroupAveraging:
                 averager.run_in_background(await_ready=False)
             finally:
                 signal.signal(signal.SIGINT, previous)
+            try:
+                await asyncio.to_thread(averager.wait_until_ready, self._timeouts.startup_s)
+            except TimeoutError:
+                averager.shutdown()
+                raise AveragingError(f"the averager for {group!r} did not start in {self._timeouts.startup_s:.0f} s")
             self._averagers[key] = averager
-            await asyncio.to_thread(averager.wait_until_ready, self._timeouts.startup_s)
         return averager
+
+    def _join_envelope(self, layout: str, weight: float) -> bytes:
+        c = self._credentials
+        body = {"peer_id": c.peer_id, "layout": layout, "weight": float(weight), "token": c.token}
+        return seal(c.key, kind=JOIN_KIND, run_id=c.run_id, body=body, seq=self._seq.next())
+
+    def _check_group(self, gathered: Mapping, layout: str) -> None:
+        """Raise AveragingError unless every member of the round proved it belongs to the run."""
+        c = self._credentials
+        now = time.time()
+        for peer_id, data in gathered.items():
+            try:
+                if not isinstance(data, bytes):
+                    raise MalformedMessage("no signed join envelope")
+                envelope = open_envelope(data, JOIN_KIND, Limits(max_bytes=4096), run_id=c.run_id, now=now)
+                body = envelope.body
+                if body.get("peer_id") != str(peer_id):
+                    raise WrongKey("the join envelope belongs to another peer")
+                if body.get("layout") != layout:
+                    raise MalformedMessage("the peer averaged another tensor layout")
+                c.access.check(envelope.sender, body.get("token"), now)
+            except ProtocolError as error:
+                raise AveragingError(f"round discarded: peer {peer_id} is not allowed: {type(error).__name__}: {error}")
 
     async def average(
         self, group: str, tensors: Mapping[str, torch.Tensor], weight: float, group_size: int | None = None
@@ -105,15 +156,19 @@ class GroupAveraging:
         if not weight > 0:
             raise ValueError(f"averaging weight must be positive, not {weight}")
         names = sorted(tensors)
+        layout = _layout_digest(_layout(tensors))
         async with self._lock:  # one round at a time per node keeps the shared buffers consistent
             averager = await self._averager(group, tensors, group_size)
             with averager.get_tensors() as buffers:
                 for name, buffer in zip(names, buffers):
                     buffer.copy_(tensors[name].detach().to("cpu"))
             timeout = self._timeouts.averaging_matchmaking_s + self._timeouts.averaging_s
-            gathered = await asyncio.to_thread(averager.step, weight=float(weight), timeout=timeout)
+            gathered = await asyncio.to_thread(
+                averager.step, gather=self._join_envelope(layout, weight), weight=float(weight), timeout=timeout
+            )
             if not gathered:
                 raise AveragingError(f"no averaging group for {group!r} formed within {timeout:.0f} s")
+            self._check_group(gathered, layout)
             with averager.get_tensors() as buffers:
                 out = {name: buffer.clone() for name, buffer in zip(names, buffers)}
         return AverageResult(out, len(gathered))

@@ -396,7 +396,8 @@ def _known_error(error: Exception) -> str | None:
     # Only modules already imported can have raised; importing torch and hivemind here would
     # add seconds to every error message.
     user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
-                   (("node.dht", "SwarmStartError"), ("node.runner", "DeviceError"), ("node.roles", "RoleError"))]
+                   (("node.dht", "SwarmStartError"), ("node.dht", "DHTReadError"), ("node.runner", "DeviceError"),
+                    ("node.roles", "RoleError"), ("node.averaging", "AveragingError"))]
     if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):

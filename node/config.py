@@ -190,6 +190,8 @@ def validate(config: NodeConfig) -> None:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if len(config.public_name) > 64:
         raise ConfigError("--public-name is longer than 64 characters")
+    if not config.public_name.isprintable():
+        raise ConfigError("--public-name must be printable text (no control characters or line breaks)")
     for f in fields(Timeouts):
         if getattr(config.timeouts, f.name) <= 0:
             raise ConfigError(f"timeout {f.name} must be positive, not {getattr(config.timeouts, f.name)}")

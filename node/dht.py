@@ -25,7 +25,7 @@ from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, Sequencer
 from protocol.errors import ProtocolError
 from protocol.keys import public_key_bytes
-from protocol.records import RECORD_NAMES, RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
+from protocol.records import MAX_RECORD_TTL_S, RECORD_NAMES, RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ RUNS_DIRECTORY = RUNS_DIRECTORY_KEY  # one global key listing the runs in this s
 
 class SwarmStartError(RuntimeError):
     """The DHT could not start or reach its initial peers."""
+
+
+class DHTReadError(RuntimeError):
+    """A DHT read did not complete in time."""
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,24 @@ class SwarmDHT:
         announce_maddrs: Iterable[str] = (),
         client_mode: bool = False,
         token: bytes | None = None,
-        record_limits: Limits = Limits(max_bytes=64 << 10),
+        record_limits: Limits = Limits(max_bytes=64 << 10, max_age_s=MAX_RECORD_TTL_S),
+        app_record_names: Iterable[str] = (),
     ):
         self._key = private_key
         self.public_key = public_key_bytes(private_key)
+        self.access = access
         self.run_id = run_id
         self.timeouts = timeouts
         self.token = token
         self.record_limits = record_limits
         self._seq = Sequencer()
-        # A run's node validates its own record families (and the runs directory) on every store; other
-        # keys pass, because the same DHT carries hivemind's averager matchmaking. Readers still open
-        # and check every record they read (see ``read``).
-        validator = SwarmRecordValidator(run_id or None, access, record_limits, managed_names=RECORD_NAMES)
+        # A run's node fully validates the run's record families (its own, the trainer's declared
+        # ``app_record_names`` and the runs directory) on every store. Other keys only get their
+        # lifetime bounded: the same DHT carries hivemind's averager matchmaking records.
+        self.app_record_names = tuple(app_record_names)
+        validator = SwarmRecordValidator(
+            run_id or None, access, record_limits, managed_names=(*RECORD_NAMES, *self.app_record_names)
+        )
         try:
             self.dht = DHT(
                 initial_peers=list(initial_peers) or None,
@@ -123,7 +132,9 @@ class SwarmDHT:
             self._p2p = await self.dht.replicate_p2p()
         return self._p2p
 
-    async def store(self, name: str, kind: str, body: dict, ttl_s: float, *, run_id: bytes | None = None) -> bool:
+    async def store(
+        self, name: str, kind: str, body: dict, ttl_s: float, *, run_id: bytes | None = None, timeout: float | None = None
+    ) -> bool:
         """Sign ``body`` and store it under our own subkey of ``name``; True if any peer took it."""
         run_id = self.run_id if run_id is None else run_id
         key = RUNS_DIRECTORY if name == RUNS_DIRECTORY else dht_key(run_id, name)
@@ -132,23 +143,31 @@ class SwarmDHT:
             self._key, run_id=run_id, key=key, kind=kind, body=body, seq=self._seq.next(), token=self.token, timestamp=now
         )
         future = self.dht.store(key, value, now + ttl_s, subkey=self.public_key, return_future=True)
+        timeout = self.timeouts.dht_s if timeout is None else timeout
         try:
-            return bool(await asyncio.wait_for(future, self.timeouts.dht_s))
+            return bool(await asyncio.wait_for(future, timeout))
         except TimeoutError:
-            logger.warning("storing %s timed out after %.0f s", name, self.timeouts.dht_s)
+            logger.warning("storing %s timed out after %.0f s", name, timeout)
             return False
 
-    async def read(self, name: str, *, run_id: bytes | None = None) -> dict[bytes, Record]:
-        """All valid records under ``name``, by signer. Invalid ones are dropped with a log line."""
+    async def read(
+        self, name: str, *, run_id: bytes | None = None, access: AccessPolicy | None = None
+    ) -> dict[bytes, Record]:
+        """All valid records under ``name``, by signer. Invalid ones are dropped with a log line.
+
+        ``access`` (default: this node's own policy for its own run) judges private-run tokens, so a
+        record that an observer peer stored without checking them is not believed here either."""
         directory = name == RUNS_DIRECTORY
         run_id = self.run_id if run_id is None else run_id
+        if access is None and run_id == self.run_id:
+            access = self.access
         key = RUNS_DIRECTORY if directory else dht_key(run_id, name)
         future = self.dht.get(key, latest=True, return_future=True)
         try:
             found = await asyncio.wait_for(future, self.timeouts.dht_s)
         except TimeoutError:
-            logger.warning("reading %s timed out after %.0f s", name, self.timeouts.dht_s)
-            return {}
+            # not the same as "no records": callers keep what they knew instead of seeing an empty swarm
+            raise DHTReadError(f"reading {name} timed out after {self.timeouts.dht_s:.0f} s") from None
         if found is None or not isinstance(found.value, dict):
             return {}
         records: dict[bytes, Record] = {}
@@ -162,6 +181,12 @@ class SwarmDHT:
                 continue
             if record_key != key or subkey != envelope.sender:
                 continue
+            if access is not None and not directory:
+                try:
+                    access.check(envelope.sender, envelope.body.get("token"), get_dht_time())
+                except ProtocolError as error:
+                    logger.debug("dropped a record under %s: %s", name, error)
+                    continue
             records[envelope.sender] = Record(envelope.sender, envelope, msg, item.expiration_time)
         return records
 

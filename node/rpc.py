@@ -37,9 +37,12 @@ _DIGEST = 32
 
 @dataclass(frozen=True)
 class RpcLimits:
-    max_header_bytes: int = 1 << 20
+    max_header_bytes: int = 64 << 10  # method, args and tensor headers; bulk bytes travel outside
     max_tensors: int = 64
     max_tensor_bytes: int = 512 << 20  # all tensors of one request or reply together
+    max_inflight_bytes: int = 1 << 30  # tensor bytes being received by all calls at once
+    max_streams: int = 64  # concurrent incoming calls
+    max_streams_per_peer: int = 8
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class RemoteError(RpcError):
     def __init__(self, kind: str, message: str):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+
+
+class WrongRecipient(ProtocolError):
+    """A request signed for another node was relayed to this one."""
 
 
 class HandlerError(Exception):
@@ -137,20 +144,20 @@ def _check_tensor_headers(raw: object, limits: RpcLimits) -> list[dict]:
 
 
 async def _read_tensors(
-    reader: asyncio.StreamReader, headers: list[dict], timeouts: Timeouts, tensor_limits: TensorLimits
+    reader: asyncio.StreamReader, headers: list[dict], tensor_limits: TensorLimits
 ) -> dict[str, torch.Tensor]:
-    """Read every tensor's bytes, check its digest and decode; all headers were checked first."""
+    """Read every tensor's bytes, check its digest and decode; all headers were checked first.
+    The caller bounds the whole read with one deadline."""
     tensors: dict[str, torch.Tensor] = {}
     for header in headers:
         nbytes = header["nbytes"]
         buffer = bytearray(nbytes)
         view = memoryview(buffer)
         digest = hashlib.sha256()
-        async with asyncio.timeout(timeouts.transfer_s(nbytes)):
-            for offset in range(0, nbytes, _CHUNK):
-                chunk = await reader.readexactly(min(_CHUNK, nbytes - offset))
-                view[offset : offset + len(chunk)] = chunk
-                digest.update(chunk)  # hashed while the next chunk is in flight
+        for offset in range(0, nbytes, _CHUNK):
+            chunk = await reader.readexactly(min(_CHUNK, nbytes - offset))
+            view[offset : offset + len(chunk)] = chunk
+            digest.update(chunk)  # hashed while the next chunk is in flight
         if digest.digest() != header["digest"]:
             raise TensorShapeMismatch(f"tensor {header['name']!r}: bytes do not match the signed digest")
         tensors[header["name"]] = decode_tensor_parts(header, buffer, tensor_limits)
@@ -191,6 +198,10 @@ class RpcEndpoint:
         self._seq = Sequencer()
         self._handlers: dict[str, Handler] = {}
         self.stats = RpcStats()
+        self._my_peer_id = str(p2p.peer_id)
+        self._active: dict[PeerID, int] = {}  # calls in flight per peer
+        self._total_active = 0
+        self._inflight_bytes = 0
 
     def register(self, method: str, handler: Handler) -> None:
         self._handlers[method] = handler
@@ -205,26 +216,27 @@ class RpcEndpoint:
 
     async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
+        active = self._active.get(peer, 0)
+        try:
+            if self._total_active >= self.limits.max_streams or active >= self.limits.max_streams_per_peer:
+                await self._refuse(peer, writer, "Busy", "too many concurrent calls; retry later")
+                return
+            self._active[peer] = active + 1
+            self._total_active += 1
+            try:
+                await self._serve_one(peer, reader, writer)
+            finally:
+                self._total_active -= 1
+                self._active[peer] -= 1
+                if not self._active[peer]:
+                    del self._active[peer]  # only peers with calls in flight are remembered
+        finally:
+            writer.close()
+
+    async def _serve_one(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                async with asyncio.timeout(self.timeouts.rpc_s):
-                    raw = await _read_frame(reader, self.limits.max_header_bytes)
-                envelope = open_envelope(
-                    raw,
-                    REQUEST_KIND,
-                    self.envelope_limits,
-                    run_id=self.run_id,
-                    replay_guard=self._replay,
-                    now=self._clock(),
-                )
-                body = envelope.body
-                self.access.check(envelope.sender, body.get("token"), self._clock())
-                method, args = body.get("method"), body.get("args", {})
-                if not isinstance(method, str) or not isinstance(args, dict):
-                    raise MalformedMessage("request needs a string 'method' and a map 'args'")
-                headers = _check_tensor_headers(body.get("tensors", []), self.limits)
-                tensors = await _read_tensors(reader, headers, self.timeouts, self.tensor_limits)
-                self.stats.bytes_in += sum(h["nbytes"] for h in headers)
+                envelope, method, args, tensors = await self._read_request(reader)
             except ProtocolError as error:
                 await self._refuse(peer, writer, type(error).__name__, str(error))
                 return
@@ -235,11 +247,15 @@ class RpcEndpoint:
             context = CallContext(peer_id=peer, sender=envelope.sender, envelope=envelope)
             try:
                 result, out_tensors = await handler(context, args, tensors)
-            except HandlerError as error:
+            except (HandlerError, RpcError) as error:  # RpcError: a nested call the handler made failed
                 await self._refuse(peer, writer, "HandlerError", str(error))
                 return
             except ProtocolError as error:
                 await self._refuse(peer, writer, type(error).__name__, str(error))
+                return
+            except Exception:  # a bug in a handler must not take the node down with it
+                logger.exception("rpc handler %s failed for a call from %s", method, peer)
+                await self._refuse(peer, writer, "InternalError", "the handler failed; see the serving node's log")
                 return
             headers_out, payloads = _describe(out_tensors)
             reply = self._seal(REPLY_KIND, {"ok": True, "result": result, "error": "", "tensors": headers_out})
@@ -249,11 +265,35 @@ class RpcEndpoint:
             self.stats.served += 1
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as error:
             logger.info("rpc from %s broke off: %s", peer, type(error).__name__)
-        except Exception:  # a bug in a handler must not take the node down with it
-            logger.exception("rpc handler failed for a call from %s", peer)
-            await self._refuse(peer, writer, "InternalError", "the handler failed; see the serving node's log")
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[Envelope, str, dict, dict[str, torch.Tensor]]:
+        """Read and check one request; raises the ProtocolError that refuses it."""
+        async with asyncio.timeout(self.timeouts.rpc_s):
+            raw = await _read_frame(reader, self.limits.max_header_bytes)
+        now = self._clock()
+        envelope = open_envelope(raw, REQUEST_KIND, self.envelope_limits, run_id=self.run_id, now=now)
+        body = envelope.body
+        # access before replay: a stranger's envelopes must not take room in the replay guard
+        self.access.check(envelope.sender, body.get("token"), now)
+        if body.get("to") != self._my_peer_id:
+            raise WrongRecipient(f"the request is addressed to {str(body.get('to'))[:60]!r}, not to this node")
+        self._replay.check_and_remember(envelope, now)
+        method, args = body.get("method"), body.get("args", {})
+        if not isinstance(method, str) or not isinstance(args, dict):
+            raise MalformedMessage("request needs a string 'method' and a map 'args'")
+        headers = _check_tensor_headers(body.get("tensors", []), self.limits)
+        total = sum(h["nbytes"] for h in headers)
+        if self._inflight_bytes + total > self.limits.max_inflight_bytes:
+            raise MessageTooLarge(f"{total} tensor bytes would exceed this node's in-flight budget; retry later")
+        self._inflight_bytes += total
+        try:
+            # one deadline for all of the request's bytes: trickling many small tensors does not extend it
+            async with asyncio.timeout(self.timeouts.transfer_s(total)):
+                tensors = await _read_tensors(reader, headers, self.tensor_limits)
         finally:
-            writer.close()
+            self._inflight_bytes -= total
+        self.stats.bytes_in += total
+        return envelope, method, args, tensors
 
     async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
         self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1
@@ -272,7 +312,7 @@ class RpcEndpoint:
     ) -> tuple[bytes, dict, dict[str, torch.Tensor]]:
         """Call ``method`` on ``peer_id``; returns (remote signer, result, tensors)."""
         headers, payloads = _describe(tensors or {})
-        body = {"method": method, "args": args or {}, "tensors": headers, "token": self.token}
+        body = {"method": method, "args": args or {}, "tensors": headers, "token": self.token, "to": str(peer_id)}
         request = self._seal(REQUEST_KIND, body)
         try:
             async with asyncio.timeout(self.timeouts.rpc_s):
@@ -295,7 +335,8 @@ class RpcEndpoint:
             if not isinstance(result, dict):
                 raise MalformedMessage("reply 'result' is not a map")
             out_headers = _check_tensor_headers(body.get("tensors", []), self.limits)
-            out = await _read_tensors(reader, out_headers, self.timeouts, self.tensor_limits)
+            async with asyncio.timeout(self.timeouts.transfer_s(sum(h["nbytes"] for h in out_headers))):
+                out = await _read_tensors(reader, out_headers, self.tensor_limits)
             return reply.sender, result, out
         except ProtocolError as error:
             raise RpcError(f"bad reply from {peer_id}: {type(error).__name__}: {error}") from None

@@ -12,9 +12,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node import __version__
-from node.averaging import GroupAveraging
+from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
-from node.dht import RUNS_DIRECTORY, SwarmDHT
+from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
 from node.membership import Member, derive_members, diff_events
 from node.roles import RoleChoice, choose_role
 from node.rpc import CallContext, Handler, RpcEndpoint
@@ -22,7 +22,8 @@ from protocol.access import AccessPolicy
 from protocol.errors import ProtocolError
 from protocol.keys import node_id_hex, public_key_bytes
 from protocol.messages import Event, Heartbeat, NodeAnnouncement, NodeState
-from protocol.runspec import RunSpec, run_id as compute_run_id
+from protocol.records import MAX_RECORD_TTL_S
+from protocol.runspec import HEARTBEAT_RETENTION, RunSpec, dumps_spec, run_id as compute_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ NODES = "nodes"
 HEARTBEATS = "heartbeats"
 EVENTS = "events"
 MAX_PUBLISHED_EVENTS = 32
-# Heartbeats stay in the DHT well past their TTL so observers can report DEAD instead of "gone".
-HEARTBEAT_RETENTION = 15
 
 
 class DeviceError(RuntimeError):
@@ -51,6 +50,12 @@ def resolve_device(requested: str) -> str:
             raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
         return requested
     raise DeviceError(f"--device must be auto, cpu or cuda[:i], not {requested!r}")
+
+
+def access_for_run(spec: RunSpec) -> AccessPolicy:
+    return AccessPolicy(
+        private=spec.run.access == "private", owner_public=bytes.fromhex(spec.owner.public_key), run_id=compute_run_id(spec)
+    )
 
 
 def timeouts_for_run(config: NodeConfig, spec: RunSpec) -> Timeouts:
@@ -86,19 +91,27 @@ class MembershipView:
 class Node:
     """One coordinating object per process (cf. torchft's Manager)."""
 
-    def __init__(self, config: NodeConfig, spec: RunSpec, key: Ed25519PrivateKey, token: bytes | None = None):
+    def __init__(
+        self,
+        config: NodeConfig,
+        spec: RunSpec,
+        key: Ed25519PrivateKey,
+        token: bytes | None = None,
+        app_record_names: tuple[str, ...] = (),
+    ):
+        """``app_record_names``: the record families the trainer publishes; every node of the run
+        validates them on store, so only their signers can write them."""
         self.config = config
         self.spec = spec
         self.key = key
         self.public_key = public_key_bytes(key)
         self.id = node_id_hex(self.public_key)
         self.token = token
+        self.app_record_names = tuple(app_record_names)
         self.run_id = compute_run_id(spec)
         self.timeouts = timeouts_for_run(config, spec)
         self.device = resolve_device(config.device)
-        self.access = AccessPolicy(
-            private=spec.run.access == "private", owner_public=bytes.fromhex(spec.owner.public_key), run_id=self.run_id
-        )
+        self.access = access_for_run(spec)
         if self.access.private:
             # Fail fast with a clear message instead of having every peer refuse us.
             self.access.check(self.public_key, token, time.time())
@@ -109,6 +122,8 @@ class Node:
         self.metrics: dict[str, float] = {}
         self.started_at = time.time()
         self.swarm: SwarmDHT | None = None
+        self.maddrs: list[str] = []
+        self.peer_id = ""  # libp2p peer id, known after start()
         self.rpc: RpcEndpoint | None = None
         self._averaging: GroupAveraging | None = None
         self.handlers: dict[str, Handler] = {"ping": self._handle_ping, "echo": self._handle_echo}
@@ -128,30 +143,35 @@ class Node:
             announce_maddrs=self.config.announce_maddrs,
             client_mode=self.config.client_mode,
             token=self.token,
+            app_record_names=self.app_record_names,
         )
-        return self.swarm.visible_maddrs()
+        # asked once: the DHT process answers without a timeout, so never from the event loop
+        self.maddrs = self.swarm.visible_maddrs()
+        self.peer_id = str(self.swarm.peer_id)
+        return self.maddrs
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Join, then tick (heartbeat, refresh, membership) until ``stop``; always leave and close."""
+        """Join, then keep heartbeats, announcements and the membership view fresh until ``stop``.
+
+        Each runs on its own clock so a slow DHT read never delays a heartbeat (peers would call us
+        DEAD); always leaves and closes, also when joining failed."""
         assert self.swarm is not None, "start() first"
         try:
             await self._join()
-            last_announce = time.monotonic()
-            while not stop.is_set():
-                await self.heartbeat()
-                if time.monotonic() - last_announce > self.timeouts.announce_ttl_s / 3:
-                    await self.announce(self.state)
-                    await self.publish_run_directory()
-                    last_announce = time.monotonic()
-                await self.refresh_membership()
-                try:
-                    await asyncio.wait_for(stop.wait(), self.timeouts.heartbeat_interval_s)
-                except TimeoutError:
-                    pass  # the periodic tick
+            announce_every = self.timeouts.announce_ttl_s / 3
+            await asyncio.gather(
+                _every(self.timeouts.heartbeat_interval_s, self.heartbeat, stop),
+                _every(announce_every, self._refresh_announcement, stop, first_delay=announce_every),
+                _every(self.timeouts.heartbeat_interval_s, self.refresh_membership, stop),
+            )
         finally:
             if self.role is not None:
                 await self.leave()
             await self.swarm.close_p2p()
+
+    async def _refresh_announcement(self) -> None:
+        await self.announce(self.state)
+        await self.publish_run_directory()
 
     async def _join(self) -> None:
         assert self.swarm is not None
@@ -187,8 +207,9 @@ class Node:
         """The node's group averagers, created on first use (each averager is a forked process)."""
         assert self.swarm is not None, "start() first"
         if self._averaging is None:
+            credentials = Credentials(self.key, self.run_id, self.access, self.token, self.peer_id)
             self._averaging = GroupAveraging(self.swarm.dht, f"swarmtrain/{self.run_id.hex()}/avg", self.timeouts,
-                                             client_mode=self.config.client_mode)
+                                             credentials, client_mode=self.config.client_mode)
         return self._averaging
 
     def shutdown(self) -> None:
@@ -202,7 +223,7 @@ class Node:
     def announcement(self, state: NodeState) -> NodeAnnouncement:
         assert self.swarm is not None and self.role is not None
         return NodeAnnouncement(
-            peer_id=str(self.swarm.peer_id),
+            peer_id=self.peer_id,
             public_name=self.config.public_name,
             role=self.role.role,
             stage=self.role.stage,
@@ -211,7 +232,7 @@ class Node:
             throughput=float(self.metrics.get("tokens_per_s", 0.0)),
             version=__version__,
             state=state,
-            maddrs=self.swarm.visible_maddrs()[:8],
+            maddrs=self.maddrs[:8],
         )
 
     async def announce(self, state: NodeState) -> None:
@@ -225,24 +246,32 @@ class Node:
         assert self.swarm is not None
         beat = Heartbeat(state=self.state, step=self.step, metrics=dict(self.metrics),
                          uptime_s=time.time() - self.started_at)
-        ttl = self.timeouts.heartbeat_ttl_s * HEARTBEAT_RETENTION
-        if not await self.swarm.store(HEARTBEATS, Heartbeat.KIND, beat.to_body(), ttl):
+        ttl = min(self.timeouts.heartbeat_ttl_s * HEARTBEAT_RETENTION, MAX_RECORD_TTL_S)
+        deadline = self.timeouts.heartbeat_ttl_s - self.timeouts.heartbeat_interval_s
+        if not await self.swarm.store(HEARTBEATS, Heartbeat.KIND, beat.to_body(), ttl, timeout=deadline):
             logger.warning("heartbeat was not stored by any peer")
 
     async def publish_run_directory(self) -> None:
         assert self.swarm is not None
-        body = {"run_id": self.run_id, "name": self.spec.run.name, "mode": self.spec.run.mode}
+        # The signed spec lets any observer verify the run id and learn its access policy and timing.
+        body = {"run_id": self.run_id, "name": self.spec.run.name, "mode": self.spec.run.mode,
+                "spec": dumps_spec(self.spec)}
         await self.swarm.store(RUNS_DIRECTORY, "run.index", body, self.timeouts.announce_ttl_s)
 
     async def refresh_membership(self, first: bool = False) -> dict[bytes, Member]:
         """Re-read the run's members; changes since the last view become events (not on the first view:
         nodes that were already there when we joined did not just join)."""
         assert self.swarm is not None
-        announcements, heartbeats = await fetch_member_records(self.swarm, self.run_id)
+        try:
+            announcements, heartbeats = await fetch_member_records(self.swarm, self.run_id)
+        except DHTReadError as error:
+            logger.warning("membership not refreshed, keeping the last view: %s", error)
+            return self.view.members
         now = time.time()
         for peer, failed_at in list(self.view.last_failure.items()):
-            # a signed heartbeat newer than the last failed call is proof of life: count anew
-            if peer in heartbeats and heartbeats[peer][0] > failed_at:
+            # Heartbeats alone do not clear failed calls (a node can heartbeat yet refuse every stream);
+            # after a cool-down the peer gets another chance.
+            if now - failed_at > self.timeouts.announce_ttl_s:
                 self.view.rpc_succeeded(peer)
         members = derive_members(announcements, heartbeats, now, self.timeouts.heartbeat_ttl_s,
                                  self.view.failed_rpcs, self.timeouts.rpc_failures_for_dead)
@@ -276,11 +305,31 @@ class Node:
         return {"received": {name: t.numel() for name, t in tensors.items()}}, tensors
 
 
+async def _every(period: float, action, stop: asyncio.Event, first_delay: float = 0.0) -> None:
+    """Run ``action`` on a fixed clock until ``stop``; a slow run skips ticks instead of drifting."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time() + first_delay
+    while not stop.is_set():
+        delay = next_at - loop.time()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return
+            except TimeoutError:
+                pass  # time for the next tick
+        await action()
+        next_at += period
+        if next_at < loop.time():
+            next_at = loop.time() + period
+
+
 async def fetch_member_records(
-    swarm: SwarmDHT, run_id: bytes
+    swarm: SwarmDHT, run_id: bytes, access: AccessPolicy | None = None
 ) -> tuple[dict[bytes, tuple[float, NodeAnnouncement]], dict[bytes, tuple[float, Heartbeat]]]:
     """Announcements and heartbeats of a run, by signer, each with its signed timestamp."""
-    nodes, beats = await asyncio.gather(swarm.read(NODES, run_id=run_id), swarm.read(HEARTBEATS, run_id=run_id))
+    nodes, beats = await asyncio.gather(
+        swarm.read(NODES, run_id=run_id, access=access), swarm.read(HEARTBEATS, run_id=run_id, access=access)
+    )
     announcements: dict[bytes, tuple[float, NodeAnnouncement]] = {}
     heartbeats: dict[bytes, tuple[float, Heartbeat]] = {}
     for sender, record in nodes.items():
@@ -296,15 +345,17 @@ async def fetch_member_records(
     return announcements, heartbeats
 
 
-async def read_members(swarm: SwarmDHT, run_id: bytes, timeouts: Timeouts) -> dict[bytes, Member]:
+async def read_members(
+    swarm: SwarmDHT, run_id: bytes, timeouts: Timeouts, access: AccessPolicy | None = None
+) -> dict[bytes, Member]:
     """The run's membership as an observer sees it now."""
-    announcements, heartbeats = await fetch_member_records(swarm, run_id)
+    announcements, heartbeats = await fetch_member_records(swarm, run_id, access)
     return derive_members(announcements, heartbeats, time.time(), timeouts.heartbeat_ttl_s)
 
 
-async def read_events(swarm: SwarmDHT, run_id: bytes) -> list[Event]:
+async def read_events(swarm: SwarmDHT, run_id: bytes, access: AccessPolicy | None = None) -> list[Event]:
     """Events published by every member, deduplicated and in time order."""
-    records = await swarm.read(EVENTS, run_id=run_id)
+    records = await swarm.read(EVENTS, run_id=run_id, access=access)
     seen: dict[tuple, Event] = {}
     for record in records.values():
         raw = record.msg.get("events", [])

@@ -90,6 +90,9 @@ class HivemindSwarm:
     async def publish(self, name: str, body: dict, ttl_s: float) -> bool:
         if name in RESERVED_NAMES:
             raise ValueError(f"record name {name!r} is reserved for the node itself")
+        if name not in self.node.app_record_names:
+            raise ValueError(f"record name {name!r} was not declared in the node's app_record_names, so peers "
+                             "would not validate it; declare it when creating the Node")
         assert self.node.swarm is not None, "the node has not started"
         return await self.node.swarm.store(name, f"app/{name}"[:64], body, ttl_s)
 

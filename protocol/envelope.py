@@ -1,6 +1,7 @@
 """Signed envelopes: the one wire format for every message and DHT record."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -23,6 +24,9 @@ RUN_ID_BYTES = 16
 NONCE_BYTES = 16
 MAX_KIND_LEN = 64
 _FIELDS = 8
+# Fields before the body, at their largest: array header, version, kind (64 chars of up to 4 UTF-8
+# bytes), run_id, sender, seq, timestamp, nonce.
+_MAX_HEAD_BYTES = 1 + 9 + (3 + 4 * MAX_KIND_LEN) + (2 + RUN_ID_BYTES) + (2 + PUBLIC_KEY_BYTES) + 9 + 9 + (2 + NONCE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -73,29 +77,32 @@ def seal(
     return data
 
 
-def _parse(data: Any, limits: Limits) -> tuple[Envelope, bytes, bytes]:
-    outer = wire.unpack(data, limits.max_bytes)
+def _parse_head(data: Any, limits: Limits) -> tuple[Envelope, memoryview, bytes, bytes]:
+    """The envelope with an empty body, the packed body, payload and signature.
+
+    The body stays packed until the signature checks out, so an unsigned flood never reaches the
+    costlier container unpacking.
+    """
+    outer = wire.unpack(data, limits.max_bytes, max_len=2, max_containers=1)
     if type(outer) is not list or len(outer) != 2:
         raise MalformedMessage("envelope must be a msgpack array [payload, signature]")
     payload = wire.require_bytes(outer[0], "envelope payload")
     signature = wire.require_bytes(outer[1], "envelope signature", length=SIGNATURE_BYTES)
-    fields = wire.unpack(payload, limits.max_bytes)
-    if type(fields) is not list or len(fields) != _FIELDS:
-        raise MalformedMessage(f"envelope payload must be an array of {_FIELDS} fields")
-    version, kind, run_id, sender, seq, timestamp, nonce, body = fields
-    envelope = Envelope(
-        version=wire.require_int(version, "version"),
-        kind=wire.require_str(kind, "kind", MAX_KIND_LEN, allow_empty=False),
-        run_id=wire.require_bytes(run_id, "run_id", length=RUN_ID_BYTES),
-        sender=wire.require_bytes(sender, "sender", length=PUBLIC_KEY_BYTES),
-        seq=wire.require_int(seq, "seq", 0),
-        timestamp=wire.require_type(timestamp, float, "timestamp"),
-        nonce=wire.require_bytes(nonce, "nonce", length=NONCE_BYTES),
-        body=wire.require_type(body, dict, "body"),
-    )
-    if not math.isfinite(envelope.timestamp):
+    try:
+        head, packed_body = wire.unpack_head(payload, _FIELDS, _MAX_HEAD_BYTES)
+    except MalformedMessage as error:
+        raise MalformedMessage(f"envelope payload: {error}") from None
+    version, kind, run_id, sender, seq, timestamp, nonce = head
+    wire.require_int(version, "version")
+    wire.require_str(kind, "kind", MAX_KIND_LEN, allow_empty=False)
+    wire.require_bytes(run_id, "run_id", length=RUN_ID_BYTES)
+    wire.require_bytes(sender, "sender", length=PUBLIC_KEY_BYTES)
+    wire.require_int(seq, "seq", 0)
+    wire.require_type(timestamp, float, "timestamp")
+    if not math.isfinite(timestamp):
         raise MalformedMessage("timestamp must be finite")
-    return envelope, payload, signature
+    wire.require_bytes(nonce, "nonce", length=NONCE_BYTES)
+    return Envelope(*head, body={}), packed_body, payload, signature
 
 
 def check_kind(envelope: Envelope, expected_kind: str | Collection[str] | None) -> None:
@@ -122,15 +129,22 @@ def open_envelope(
     replay_guard: ReplayGuard | None = None,
     now: float | None = None,
 ) -> Envelope:
-    """Check in order: size, structure, version, signature, kind, run, time, replay; return the envelope."""
+    """Check in order: size, structure, version, signature, body structure, kind, run, time, replay.
+
+    With ``replay_guard`` the nonce is remembered here, before any access check the caller makes. A
+    caller that must not let refused senders fill the guard passes None and, once it has admitted
+    the sender, calls ``guard.check_and_remember(envelope, now)`` with the same ``now``.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"envelope must be bytes, got {type(data).__name__}")
     if len(data) > limits.max_bytes:
         raise MessageTooLarge(f"envelope is {len(data)} bytes, limit {limits.max_bytes}")
-    envelope, payload, signature = _parse(data, limits)
-    if envelope.version != VERSION:
-        raise MalformedMessage(f"unsupported envelope version {envelope.version} (this node speaks {VERSION})")
-    verify(envelope.sender, ENVELOPE_DOMAIN, payload, signature)
+    unsigned, packed_body, payload, signature = _parse_head(data, limits)
+    if unsigned.version != VERSION:
+        raise MalformedMessage(f"unsupported envelope version {unsigned.version} (this node speaks {VERSION})")
+    verify(unsigned.sender, ENVELOPE_DOMAIN, payload, signature)
+    body = wire.require_type(wire.unpack(packed_body, limits.max_bytes), dict, "body")
+    envelope = dataclasses.replace(unsigned, body=body)
     check_kind(envelope, expected_kind)
     if run_id is not None and envelope.run_id != run_id:
         raise WrongRun(f"message is for run {envelope.run_id.hex()}, this node is in run {bytes(run_id).hex()}")

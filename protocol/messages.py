@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from protocol import wire
+from protocol.access import MAX_TOKEN_BYTES
 from protocol.errors import MalformedMessage
 from protocol.tensors import TensorLimits, decode_tensor, encode_tensor
 
@@ -22,6 +23,9 @@ MAX_SUBJECT = 64
 MAX_ERROR = 4096
 MAX_STAGE = 1023
 MAX_ARGS = 64
+MAX_TENSORS = 64
+# Peer-supplied strings that reach terminals and logs (names, addresses, event text) must be
+# printable: no newlines, control characters or ANSI escapes to forge log lines or repaint a screen.
 
 # Events a node may publish. Deployments extend the set with names starting "x-".
 KNOWN_EVENTS = frozenset(
@@ -84,22 +88,22 @@ class NodeAnnouncement:
     maddrs: list[str]
 
     def __post_init__(self) -> None:
-        wire.require_str(self.peer_id, "peer_id", MAX_PEER_ID, allow_empty=False)
-        wire.require_str(self.public_name, "public_name", MAX_NAME)
+        wire.require_str(self.peer_id, "peer_id", MAX_PEER_ID, allow_empty=False, printable=True)
+        wire.require_str(self.public_name, "public_name", MAX_NAME, printable=True)
         object.__setattr__(self, "role", _enum(Role, self.role, "role"))
         if self.stage is not None:
             wire.require_int(self.stage, "stage", 0, MAX_STAGE)
         if self.expert is not None:
-            wire.require_str(self.expert, "expert", MAX_NAME, allow_empty=False)
-        wire.require_str(self.device, "device", MAX_NAME)
+            wire.require_str(self.expert, "expert", MAX_NAME, allow_empty=False, printable=True)
+        wire.require_str(self.device, "device", MAX_NAME, printable=True)
         object.__setattr__(self, "throughput", wire.require_float(self.throughput, "throughput", 0.0))
-        wire.require_str(self.version, "version", MAX_NAME)
+        wire.require_str(self.version, "version", MAX_NAME, printable=True)
         object.__setattr__(self, "state", _enum(NodeState, self.state, "state"))
         wire.require_type(self.maddrs, list, "maddrs")
         if len(self.maddrs) > MAX_MADDRS:
             raise MalformedMessage(f"maddrs: more than {MAX_MADDRS} addresses")
         for index, maddr in enumerate(self.maddrs):
-            wire.require_str(maddr, f"maddrs[{index}]", MAX_MADDR, allow_empty=False)
+            wire.require_str(maddr, f"maddrs[{index}]", MAX_MADDR, allow_empty=False, printable=True)
 
     def to_body(self) -> dict:
         return {
@@ -140,7 +144,7 @@ class Heartbeat:
             raise MalformedMessage(f"metrics: more than {MAX_METRICS} entries")
         metrics = {}
         for name, value in self.metrics.items():
-            wire.require_str(name, "metric name", MAX_NAME, allow_empty=False)
+            wire.require_str(name, "metric name", MAX_NAME, allow_empty=False, printable=True)
             metrics[name] = wire.require_float(value, f"metrics[{name!r}]")
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "uptime_s", wire.require_float(self.uptime_s, "uptime_s", 0.0))
@@ -165,11 +169,11 @@ class Event:
     at: float
 
     def __post_init__(self) -> None:
-        wire.require_str(self.event, "event", MAX_NAME, allow_empty=False)
+        wire.require_str(self.event, "event", MAX_NAME, allow_empty=False, printable=True)
         if self.event not in KNOWN_EVENTS and not _EXTENSION_EVENT.fullmatch(self.event):
             raise MalformedMessage(f"event: unknown event {self.event!r}; known: {sorted(KNOWN_EVENTS)} or 'x-...'")
         wire.require_bytes(self.subject, "subject", max_len=MAX_SUBJECT)
-        wire.require_str(self.detail, "detail", MAX_DETAIL)
+        wire.require_str(self.detail, "detail", MAX_DETAIL, printable=True)
         object.__setattr__(self, "at", wire.require_float(self.at, "at"))
 
     def to_body(self) -> dict:
@@ -214,23 +218,43 @@ def _check_args(args: Any, what: str) -> dict:
     return args
 
 
+def _check_tensor_headers(headers: Any, what: str) -> list:
+    """A list of maps; their fields (name, dtype, shape, nbytes, digest) are checked by the RPC layer."""
+    wire.require_type(headers, list, what)
+    if len(headers) > MAX_TENSORS:
+        raise MalformedMessage(f"{what}: more than {MAX_TENSORS} tensors")
+    for index, header in enumerate(headers):
+        wire.require_type(header, dict, f"{what}[{index}]")
+    wire.check_native(headers, path=what)
+    return headers
+
+
 @dataclass(frozen=True)
 class RpcRequest:
+    """A call's header; ``to`` is the callee's libp2p peer id, so a request cannot be relayed to another node."""
+
     KIND: ClassVar[str] = "rpc.request"
 
     method: str
+    to: str
     args: dict = field(default_factory=dict)
+    tensors: list[dict] = field(default_factory=list)
+    token: bytes | None = None
 
     def __post_init__(self) -> None:
         wire.require_str(self.method, "method", MAX_NAME, allow_empty=False)
+        wire.require_str(self.to, "to", MAX_PEER_ID, allow_empty=False, printable=True)
         _check_args(self.args, "args")
+        _check_tensor_headers(self.tensors, "tensors")
+        if self.token is not None:
+            wire.require_bytes(self.token, "token", max_len=MAX_TOKEN_BYTES)
 
     def to_body(self) -> dict:
-        return {"method": self.method, "args": self.args}
+        return {"method": self.method, "args": self.args, "tensors": self.tensors, "token": self.token, "to": self.to}
 
     @classmethod
     def from_body(cls, body: dict) -> "RpcRequest":
-        return cls(**_fields(body, cls, ("method", "args")))
+        return cls(**_fields(body, cls, ("method", "args", "tensors", "token", "to")))
 
 
 @dataclass(frozen=True)
@@ -240,18 +264,20 @@ class RpcReply:
     ok: bool
     result: dict = field(default_factory=dict)
     error: str = ""
+    tensors: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         wire.require_type(self.ok, bool, "ok")
         _check_args(self.result, "result")
         wire.require_str(self.error, "error", MAX_ERROR)
+        _check_tensor_headers(self.tensors, "tensors")
 
     def to_body(self) -> dict:
-        return {"ok": self.ok, "result": self.result, "error": self.error}
+        return {"ok": self.ok, "result": self.result, "error": self.error, "tensors": self.tensors}
 
     @classmethod
     def from_body(cls, body: dict) -> "RpcReply":
-        return cls(**_fields(body, cls, ("ok", "result", "error")))
+        return cls(**_fields(body, cls, ("ok", "result", "error", "tensors")))
 
 
 MESSAGE_TYPES: dict[str, type] = {

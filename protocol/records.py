@@ -26,6 +26,10 @@ RECORD_NAMES = ("nodes", "heartbeats", "events")
 RUNS_DIRECTORY_KEY = f"{KEY_PREFIX}/runs"
 GLOBAL_KEYS = frozenset({RUNS_DIRECTORY_KEY})
 RECORD_LIMITS = Limits(max_bytes=64 * 1024)
+# Longest a record may live: its expiration is at most this long after it was signed (or, for keys
+# the validator does not manage, after the storing peer's now). Readers open records with
+# Limits(max_age_s=MAX_RECORD_TTL_S) so that everything a validator accepts also opens.
+MAX_RECORD_TTL_S = 3600.0
 _NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
 _BODY_KEYS = frozenset({"key", "msg", "token"})
 MAX_KEY_LEN = 256
@@ -99,6 +103,16 @@ def open_record(
     return envelope, key, msg
 
 
+def _expiration(record: DHTRecord) -> float:
+    expiration = record.expiration_time
+    try:
+        if type(expiration) in (int, float) and math.isfinite(expiration):
+            return float(expiration)
+    except OverflowError:  # an int beyond float range
+        pass
+    raise MalformedMessage("record expiration_time must be a finite number")
+
+
 class SwarmRecordValidator(RecordValidatorBase):
     """Accepts only records signed by their subkey's owner, for this run, under the key they name.
 
@@ -109,8 +123,10 @@ class SwarmRecordValidator(RecordValidatorBase):
     re-served until its expiration, which is at most ``max_ttl_s`` after its timestamp.
 
     With ``managed_names=None`` every record in the DHT must be a swarm record. Pass the record
-    names this run uses (e.g. RECORD_NAMES) to validate only those keys and let other records
-    through: needed when the same DHT also carries hivemind's own records (averager matchmaking).
+    names this run uses (e.g. RECORD_NAMES) to fully check only those keys (and GLOBAL_KEYS, always)
+    and let other records through as long as they expire within ``max_ttl_s`` of now: needed when
+    the same DHT also carries hivemind's own records (averager matchmaking). Without a run_id
+    (observer) every key is managed.
     """
 
     def __init__(
@@ -118,7 +134,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         run_id: bytes | None,
         access: AccessPolicy | None,
         limits: Limits = RECORD_LIMITS,
-        max_ttl_s: float = 3600.0,
+        max_ttl_s: float = MAX_RECORD_TTL_S,
         clock: Callable[[], float] = time.time,
         *,
         managed_names: Iterable[str] | None = None,
@@ -139,9 +155,11 @@ class SwarmRecordValidator(RecordValidatorBase):
             else {key_id(dht_key(run_id, n)) for n in managed_names} | {key_id(k) for k in GLOBAL_KEYS}
         )
 
+    def manages(self, key: bytes) -> bool:
+        """Whether records under DHT id ``key`` get the full swarm-record checks."""
+        return self._managed is None or key in self._managed
+
     def validate(self, record: DHTRecord) -> bool:
-        if self._managed is not None and record.key not in self._managed:
-            return True
         try:
             self.check(record)
             return True
@@ -154,16 +172,19 @@ class SwarmRecordValidator(RecordValidatorBase):
         self.rejections[reason] += 1
         return False
 
-    def check(self, record: DHTRecord) -> Envelope:
-        """Raise the ProtocolError that makes ``record`` invalid; return its envelope otherwise."""
+    def check(self, record: DHTRecord) -> Envelope | None:
+        """Raise the ProtocolError that makes ``record`` invalid; return its envelope (None for an unmanaged key)."""
+        now = self.clock()
+        if not self.manages(record.key):
+            self._check_foreign_expiration(record, now)
+            return None
         if not isinstance(record.value, bytes):
             raise MalformedMessage(f"record value must be bytes, got {type(record.value).__name__}")
         if len(record.value) > self.limits.max_bytes + 16:  # + room for the msgpack bin header
             raise MessageTooLarge(f"record value is {len(record.value)} bytes, limit {self.limits.max_bytes}")
-        value = wire.unpack(record.value, self.limits.max_bytes + 16)
+        value = wire.unpack(record.value, self.limits.max_bytes + 16, max_len=0, max_containers=0)
         if type(value) is not bytes:
             raise MalformedMessage(f"record value must be serialized envelope bytes, got {type(value).__name__}")
-        now = self.clock()
         envelope = open_envelope(value, None, self.limits, run_id=None, now=now)
         key, _, token = _record_body(envelope, self.run_id)
         if record.key != key_id(key):
@@ -174,11 +195,16 @@ class SwarmRecordValidator(RecordValidatorBase):
             subkey = None
         if subkey != envelope.sender:
             raise WrongSubkey("record subkey is not its signer's public key; only the signer may write it")
-        expiration = record.expiration_time
-        if type(expiration) not in (int, float) or not math.isfinite(expiration):
-            raise MalformedMessage("record expiration_time must be a finite number")
+        expiration = _expiration(record)
         if expiration > envelope.timestamp + self.max_ttl_s:
             raise Expired(f"record expires {expiration - envelope.timestamp:.0f}s after it was signed, limit {self.max_ttl_s:.0f}s")
         if self.access is not None and envelope.run_id == self.run_id:  # other runs follow their own policies
             self.access.check(envelope.sender, token, now)
         return envelope
+
+    def _check_foreign_expiration(self, record: DHTRecord, now: float) -> None:
+        """A value under a key we do not manage may stay at most ``max_ttl_s``: it bounds how long a
+        stranger can hold the key."""
+        expiration = _expiration(record)
+        if expiration > now + self.max_ttl_s:
+            raise Expired(f"record under an unmanaged key expires {expiration - now:.0f}s from now, limit {self.max_ttl_s:.0f}s")

@@ -25,6 +25,13 @@ SWAPS = ("none", "checkfree_plus")
 MAX_STAGES = 1024
 MAX_DOMAINS = 64
 MAX_SPEC_CHARS = 1 << 16
+# The domains every Python install ships; equal to trainer.data.EMBEDDED_DOMAINS (a test checks),
+# repeated here because the protocol layer must not import the trainer.
+EMBEDDED_DOMAINS = ("python", "prose", "arithmetic")
+# Heartbeat records stay in the DHT for HEARTBEAT_RETENTION x heartbeat_ttl_s, and no record may
+# live longer than records.MAX_RECORD_TTL_S (3600 s), so the ttl is at most 3600 / 15 s.
+HEARTBEAT_RETENTION = 15
+MAX_HEARTBEAT_TTL_S = 240.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    domains: list[str] = field(default_factory=lambda: ["default"])  # embedded domain names or paths
+    domains: list[str] = field(default_factory=lambda: list(EMBEDDED_DOMAINS))  # embedded domain names or paths
     val_fraction: float = 0.1
 
 
@@ -174,7 +181,7 @@ def check_spec(spec: RunSpec) -> None:
     _require(0 < len(data.domains) <= MAX_DOMAINS, f"data.domains: 1..{MAX_DOMAINS} entries")
     _require(all(0 < len(d) <= 256 for d in data.domains), "data.domains: each entry 1..256 characters")
     _require(len(set(data.domains)) == len(data.domains), "data.domains: entries must be distinct")
-    _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction: must be in [0, 1)")
+    _require(0.0 < data.val_fraction < 1.0, "data.val_fraction: must be in (0, 1)")
     _require(0.0 < train.lr < 1e3, "train.lr: must be > 0")
     _require(train.batch_size > 0, "train.batch_size: must be > 0")
     _require(train.steps > 0, "train.steps: must be > 0")
@@ -193,6 +200,11 @@ def check_spec(spec: RunSpec) -> None:
     _require(pipe.microbatch_size > 0, "pipeline.microbatch_size: must be > 0")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
+    _require(
+        swarm.heartbeat_ttl_s <= MAX_HEARTBEAT_TTL_S,
+        f"swarm.heartbeat_ttl_s: at most {MAX_HEARTBEAT_TTL_S:.0f} (heartbeats are kept {HEARTBEAT_RETENTION} x ttl, "
+        "records live at most 3600 s)",
+    )
     _require(owner.public_key == "" or _is_hex(owner.public_key, PUBLIC_KEY_BYTES), "owner.public_key: 64 hex digits")
     _require(owner.signature == "" or _is_hex(owner.signature, SIGNATURE_BYTES), "owner.signature: 128 hex digits")
 

@@ -147,6 +147,14 @@ def test_user_domain_from_file_dir_and_jsonl(tmp_path):
     assert load_domain("prose").name == "prose"
 
 
+def test_jsonl_lines_split_on_newline_only(tmp_path):
+    # U+2028/U+2029 (and \x1c..\x1e, \x85) are legal raw inside JSON strings; splitlines() broke on them
+    text = "line\u2028separator, paragraph\u2029separator, \x1c\x85 too"
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "next"}) + "\n", encoding="utf-8")
+    assert domain_from_jsonl(jsonl).data == (text + "\n\nnext\n\n").encode("utf-8")
+
+
 def test_bad_user_domains_give_clear_errors(tmp_path):
     missing = tmp_path / "nope.txt"
     for loader in (domain_from_file, domain_from_dir, domain_from_jsonl, load_domain):

@@ -388,3 +388,10 @@ def test_group_readable_key_still_loads_but_warns(tmp_path, caplog):
     os.chmod(path, 0o644)
     assert public_key_bytes(read_private_key(path)) == public_key_bytes(key)
     assert "chmod 600" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["evil\x1b[2Jname", "two\nlines", "tab\tname"])
+def test_public_name_must_be_printable(name):
+    # it is shown on other operators' terminals and in their logs
+    with pytest.raises(ConfigError, match="public-name"):
+        load_node_config({"public_name": name}, env={})

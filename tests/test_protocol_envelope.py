@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -174,3 +176,111 @@ def test_guard_with_window_equal_to_max_age_covers_future_stamped_envelopes():
             open_(data, replay_guard=guard, now=later)
     with pytest.raises(Expired):
         open_(data, replay_guard=guard, now=NOW + 29 + LIMITS.max_age_s + 1)
+
+
+# ---- per-sender replay floors ------------------------------------------------------------------
+
+HONEST, ATTACKER = b"h" * 32, b"a" * 32
+
+
+def stamped(sender: bytes, timestamp: float, n: int) -> Envelope:
+    """What the guard sees of an envelope (it reads sender, nonce and timestamp only)."""
+    return Envelope(VERSION, "heartbeat", RUN, sender, 1, timestamp, n.to_bytes(16, "big"), {})
+
+
+def test_flood_from_one_key_never_refuses_an_honest_fresh_envelope():
+    guard = ReplayGuard(window_s=300.0, max_entries=1000)
+    early = stamped(HONEST, NOW - 10, 0)
+    guard.check_and_remember(early, NOW)
+    for i in range(5000):  # stamped ahead of the honest clock, as far as max_future_s allows
+        guard.check_and_remember(stamped(ATTACKER, NOW + 20 + i * 1e-3, i), NOW)
+        if i % 500 == 0:
+            guard.check_and_remember(stamped(HONEST, NOW + i * 1e-4, 1 + i), NOW)
+    guard.check_and_remember(stamped(HONEST, NOW + 1, 10**6), NOW + 1)
+    assert len(guard) <= 1000 and guard.entries_of(HONEST) == 1
+    with pytest.raises(Replayed):  # forgotten, yet still refused: the honest floor covers it
+        guard.check_and_remember(early, NOW + 1)
+
+
+def test_flood_from_many_keys_spares_honest_senders():
+    guard = ReplayGuard(window_s=300.0, max_entries=500, max_per_sender=8)
+    for i in range(400):
+        for j in range(10):
+            guard.check_and_remember(stamped(i.to_bytes(32, "big"), NOW + 25 + i * 1e-3 + j * 1e-4, j), NOW)
+        if i % 50 == 0:
+            guard.check_and_remember(stamped(HONEST, NOW + i * 1e-3, i), NOW)
+    guard.check_and_remember(stamped(HONEST, NOW + 1, 10**6), NOW + 1)
+    assert len(guard) <= 500
+
+
+def test_flood_from_more_keys_than_max_entries_stays_bounded_and_safe():
+    guard = ReplayGuard(window_s=300.0, max_entries=500)
+    sent = [stamped(i.to_bytes(32, "big"), NOW + 25 + i * 1e-3 + j * 1e-4, j) for i in range(3000) for j in range(3)]
+    for env in sent:
+        guard.check_and_remember(env, NOW)
+    assert len(guard) <= 500 and len(guard._floors) <= 500  # floors are bounded too (the rest share one)
+    for env in sent:
+        with pytest.raises(Replayed):
+            guard.check_and_remember(env, NOW + 1)
+
+
+def test_one_sender_is_capped_by_forgetting_its_own_oldest():
+    guard = ReplayGuard(max_per_sender=100)
+    for i in range(50):
+        guard.check_and_remember(stamped(HONEST, NOW - 100 + i, i), NOW)
+    for i in range(1000):
+        guard.check_and_remember(stamped(ATTACKER, NOW + i * 0.01, i), NOW)
+    assert guard.entries_of(ATTACKER) == 100 and guard.entries_of(HONEST) == 50
+    assert guard.floor_of(HONEST) == float("-inf")
+    assert guard.floor_of(ATTACKER) == NOW + 899 * 0.01
+    for i in range(1000):
+        with pytest.raises(Replayed):
+            guard.check_and_remember(stamped(ATTACKER, NOW + i * 0.01, i), NOW)
+
+
+def test_floors_and_entries_leave_with_the_window():
+    guard = ReplayGuard(window_s=10.0, max_entries=10)
+    for i in range(15):
+        guard.check_and_remember(stamped(i.to_bytes(32, "big"), NOW + i * 0.01, i), NOW)
+    assert guard.floor_of((0).to_bytes(32, "big")) == NOW
+    guard.check_and_remember(stamped(HONEST, NOW + 20, 0), NOW + 20)
+    assert len(guard) == 1 and not guard._floors
+    assert guard.floor_of((0).to_bytes(32, "big")) == float("-inf")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 15), st.integers(-40, 40), st.integers(0, 3)), max_size=300))
+def test_guard_never_accepts_an_envelope_twice_within_the_window(ops):
+    guard = ReplayGuard(window_s=30.0, max_entries=12, max_per_sender=5)
+    accepted: set[tuple[bytes, bytes, float]] = set()
+    now = NOW
+    for sender_n, nonce_n, offset, advance in ops:
+        now += advance
+        env = stamped(bytes([sender_n]) * 32, now + offset, nonce_n)
+        try:
+            guard.check_and_remember(env, now)
+        except (Replayed, Expired):
+            continue
+        # the same signed envelope again (same sender, nonce, timestamp) is a replay
+        assert (env.sender, env.nonce, env.timestamp) not in accepted, "an envelope was accepted twice"
+        accepted.add((env.sender, env.nonce, env.timestamp))
+        assert len(guard) <= 12 and all(guard.entries_of(bytes([s]) * 32) <= 5 for s in range(4))
+
+
+def test_access_check_can_run_before_the_nonce_is_remembered():
+    from protocol.access import AccessPolicy
+    from protocol.errors import Unauthorized
+
+    guard = ReplayGuard()
+    stranger = Ed25519PrivateKey.from_private_bytes(b"\x09" * 32)
+    policy = AccessPolicy(True, public_key_bytes(KEY), RUN)  # private run owned by KEY
+    refused = open_(seal(stranger, kind="heartbeat", run_id=RUN, body={}, seq=1, timestamp=NOW), replay_guard=None)
+    with pytest.raises(Unauthorized):
+        policy.check(refused.sender, None, NOW + 1)
+    assert len(guard) == 0  # a refused sender takes no room in the guard
+    data = make()
+    admitted = open_(data, replay_guard=None)
+    policy.check(admitted.sender, None, NOW + 1)
+    guard.check_and_remember(admitted, NOW + 1)
+    with pytest.raises(Replayed):
+        guard.check_and_remember(open_(data, replay_guard=None), NOW + 1)

@@ -5,7 +5,7 @@ import msgpack
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hivemind.dht.validation import DHTRecord
 
@@ -14,7 +14,7 @@ from protocol.envelope import Limits, ReplayGuard, open_envelope, seal
 from protocol.errors import ProtocolError
 from protocol.keys import public_key_bytes
 from protocol.messages import MESSAGE_TYPES, Heartbeat, NodeState
-from protocol.records import SwarmRecordValidator, dht_key, open_record, seal_record
+from protocol.records import RECORD_NAMES, SwarmRecordValidator, dht_key, key_id, open_record, seal_record
 from protocol.runspec import dumps_spec, loads_spec, make_spec, spec_to_dict
 from protocol.tensors import DTYPES, TensorLimits, decode_tensor, decode_tensor_parts
 
@@ -111,12 +111,19 @@ def test_structured_garbage_near_valid(data):
 
 @FUZZ
 @given(key=st.binary(max_size=24), subkey=st.binary(max_size=40), value=st.binary(max_size=200),
-       expiration=st.floats() | st.integers(), use_valid=st.booleans(), m=mutations)
-def test_validator_always_returns_bool(key, subkey, value, expiration, use_valid, m):
-    validator = SwarmRecordValidator(RUN, AccessPolicy(True, bytes(32), RUN), clock=lambda: NOW)
-    if use_valid:
+       expiration=st.floats() | st.integers(), use_valid=st.booleans(), managed=st.booleans(), m=mutations)
+@example(key=b"", subkey=b"", value=b"", expiration=10**400, use_valid=True, managed=False, m=([], [], None))
+@example(key=b"", subkey=b"", value=b"", expiration=10**400, use_valid=False, managed=True, m=([], [], None))
+def test_validator_raises_only_protocol_errors(key, subkey, value, expiration, use_valid, managed, m):
+    validator = SwarmRecordValidator(
+        RUN, AccessPolicy(True, bytes(32), RUN), clock=lambda: NOW, managed_names=RECORD_NAMES if managed else None
+    )
+    if use_valid:  # a real record, mutated, under its own key: reaches the deeper checks
+        key, subkey = key_id(dht_key(RUN, "nodes")), msgpack.packb(PUB, use_bin_type=True)
         value = msgpack.packb(mutate(VALID_RECORD, *m), use_bin_type=True)
-    assert validator.validate(DHTRecord(key, subkey, value, expiration)) in (True, False)
+    record = DHTRecord(key, subkey, value, expiration)
+    only_protocol_errors(validator.check, record)
+    assert type(validator.validate(record)) is bool
 
 
 @FUZZ
@@ -182,8 +189,8 @@ SAMPLE_BODIES = {
     "heartbeat": {"state": "ONLINE", "step": 1, "metrics": {"loss": 1.0}, "uptime_s": 1.0},
     "event": {"event": "join", "subject": b"", "detail": "", "at": 1.0},
     "tensor": {"name": "t", "tensor": {"dtype": "float32", "shape": [1], "data": bytes(4)}},
-    "rpc.request": {"method": "m", "args": {}},
-    "rpc.reply": {"ok": True, "result": {}, "error": ""},
+    "rpc.request": {"method": "m", "args": {}, "tensors": [], "token": None, "to": "12D3KooWPeer"},
+    "rpc.reply": {"ok": True, "result": {}, "error": "", "tensors": []},
 }
 
 

@@ -43,8 +43,10 @@ SAMPLES = [
     Heartbeat(state=NodeState.JOINING, step=12, metrics={"loss": 2.5, "tok_s": 100}, uptime_s=3.0),
     Event(event="stage_lost", subject=b"\x01" * 32, detail="stage 2 has no replica", at=1.5),
     Event(event="x-custom", subject=b"", detail="", at=0.0),
-    RpcRequest(method="forward", args={"mb": 3, "path": [0, 2, 1]}),
+    RpcRequest(method="forward", to="12D3KooWCallee", args={"mb": 3, "path": [0, 2, 1]}, token=b"t" * 100,
+               tensors=[{"name": "x", "dtype": "float32", "shape": [2], "nbytes": 8, "digest": bytes(32)}]),
     RpcReply(ok=False, result={}, error="stage busy"),
+    RpcReply(ok=True, result={"n": 1}, error="", tensors=[{"name": "y"}]),
 ]
 
 
@@ -84,6 +86,7 @@ def with_(body: dict, **changes) -> dict:
 
 ANN = ANNOUNCE.to_body()
 HB = SAMPLES[1].to_body()
+REQ = SAMPLES[4].to_body()
 BAD_BODIES = [
     (NodeAnnouncement, with_(ANN, role="leader"), "unknown value"),
     (NodeAnnouncement, with_(ANN, state="dead"), "unknown value"),  # DEAD is never sent
@@ -103,9 +106,16 @@ BAD_BODIES = [
     (Event, {"event": "explode", "subject": b"", "detail": "", "at": 0.0}, "unknown event"),
     (Event, {"event": "join", "subject": "not bytes", "detail": "", "at": 0.0}, "subject"),
     (Event, {"event": "join", "subject": b"", "detail": "d" * 2000, "at": 0.0}, "detail"),
-    (RpcRequest, {"method": "", "args": {}}, "method"),
-    (RpcRequest, {"method": "m", "args": {str(i): i for i in range(65)}}, "args"),
-    (RpcReply, {"ok": 1, "result": {}, "error": ""}, "ok"),
+    (RpcRequest, with_(REQ, method=""), "method"),
+    (RpcRequest, with_(REQ, args={str(i): i for i in range(65)}), "args"),
+    (RpcRequest, with_(REQ, to=""), "to"),
+    (RpcRequest, with_(REQ, to="peer\nINFO forged log line"), "to: must be printable"),
+    (RpcRequest, with_(REQ, tensors=[{}] * 65), "tensors"),
+    (RpcRequest, with_(REQ, tensors=[1]), r"tensors\[0\]"),
+    (RpcRequest, with_(REQ, token=bytes(257)), "token"),
+    (RpcRequest, {"method": "m", "args": {}}, "missing"),  # the old body, without tensors, token and to
+    (RpcReply, {"ok": 1, "result": {}, "error": "", "tensors": []}, "ok"),
+    (RpcReply, {"ok": True, "result": {}, "error": ""}, "missing"),
     (TensorFrame, {"name": "t", "tensor": {"dtype": "complex64", "shape": [1], "data": b"12345678"}}, "dtype"),
 ]
 
@@ -114,6 +124,33 @@ BAD_BODIES = [
 def test_invalid_bodies_are_malformed_with_reason(cls, body, reason):
     with pytest.raises(MalformedMessage, match=reason):
         cls.from_body(body)
+
+
+EV = SAMPLES[2].to_body()
+# a newline forges a log line, an ANSI escape repaints the terminal, U+202E reverses the text after it
+UNPRINTABLE = ["two\nlines", "\x1b[2J\x1b[31mred", "abc\u202eflipped", "tab\there", "nul\x00"]
+PRINTED_FIELDS = {  # field: how a string goes into it
+    (NodeAnnouncement, "peer_id"): lambda text: text,
+    (NodeAnnouncement, "public_name"): lambda text: text,
+    (NodeAnnouncement, "device"): lambda text: text,
+    (NodeAnnouncement, "version"): lambda text: text,
+    (NodeAnnouncement, "expert"): lambda text: text,
+    (NodeAnnouncement, "maddrs"): lambda text: ["/ip4/1.2.3.4/tcp/1", text],
+    (Heartbeat, "metrics"): lambda text: {text: 1.0},
+    (Event, "detail"): lambda text: text,
+    (Event, "event"): lambda text: "x-" + text,
+}
+BODIES = {NodeAnnouncement: ANN, Heartbeat: HB, Event: EV}
+
+
+@pytest.mark.parametrize("cls,name", PRINTED_FIELDS, ids=lambda x: x if isinstance(x, str) else x.__name__)
+def test_strings_that_reach_logs_must_be_printable(cls, name):
+    place = PRINTED_FIELDS[cls, name]
+    for text in UNPRINTABLE:
+        with pytest.raises(MalformedMessage, match="must be printable|unknown event"):
+            cls.from_body(with_(BODIES[cls], **{name: place(text)}))
+    if name != "event":
+        assert cls.from_body(with_(BODIES[cls], **{name: place("Zoë's GPU №2 — 東京")}))  # any printable text is fine
 
 
 @pytest.mark.parametrize("cls", list(MESSAGE_TYPES.values()))

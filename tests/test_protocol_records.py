@@ -14,7 +14,17 @@ from protocol.envelope import Limits
 from protocol.errors import Expired, MessageTooLarge, WrongKey, WrongRun
 from protocol.keys import public_key_bytes
 from protocol.messages import Heartbeat, NodeState
-from protocol.records import RECORD_NAMES, RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
+from protocol.records import (
+    GLOBAL_KEYS,
+    MAX_RECORD_TTL_S,
+    RECORD_NAMES,
+    RUNS_DIRECTORY_KEY,
+    SwarmRecordValidator,
+    dht_key,
+    key_id,
+    open_record,
+    seal_record,
+)
 
 OWNER = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
 NODE = Ed25519PrivateKey.from_private_bytes(b"\x12" * 32)
@@ -40,6 +50,10 @@ def record(envelope: bytes, *, key: str | None = None, subkey=None, expiration=N
         value=MSGPackSerializer.dumps(envelope),
         expiration_time=expiration,
     )
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
 
 
 def validator(private: bool = False, **kwargs) -> SwarmRecordValidator:
@@ -100,7 +114,7 @@ def test_owner_needs_no_token_in_private_run():
         (lambda: record(value(timestamp=NOW - 7200)), "Expired"),  # older than max_ttl_s
         (lambda: record(value(timestamp=NOW + 120)), "Expired"),  # from the future
         (lambda: record(value(), expiration=NOW + 7200), "Expired"),  # asks to live longer than max_ttl_s
-        (lambda: record(value()[:-1] + bytes([value()[-1] ^ 1])), "BadSignature"),
+        (lambda: record(flip_last_byte(value())), "BadSignature"),
         (lambda: record(b"not an envelope"), "MalformedMessage"),
         (lambda: DHTRecord(record(value()).key, record(value()).subkey, MSGPackSerializer.dumps({"a": 1}), NOW), "MalformedMessage"),
         (lambda: record(value() + bytes(70_000)), "MessageTooLarge"),
@@ -132,12 +146,32 @@ def test_check_raises_the_specific_error():
         validator().check(record(value(), expiration=NOW + 3601.0))
 
 
-def test_managed_names_let_foreign_records_through():
+def test_managed_names_let_foreign_records_through_only_with_bounded_expiration():
     v = validator(managed_names=RECORD_NAMES)
-    foreign = DHTRecord(DHTID.generate(source="averager.all_averagers").to_bytes(), b"\xc0", b"\x01", NOW + 5)
-    assert v.validate(foreign) is True
+    foreign_key = DHTID.generate(source="averager.all_averagers").to_bytes()
+    assert v.validate(DHTRecord(foreign_key, b"\xc0", b"\x01", NOW + 5)) is True
+    assert v.validate(DHTRecord(foreign_key, b"\xc0", b"\x01", NOW + 1 + MAX_RECORD_TTL_S)) is True
+    # a stranger could otherwise hold a key (ours are hashed, so it could be anyone's) for good
+    assert v.validate(DHTRecord(foreign_key, b"\xc0", b"\x01", NOW + 2 + MAX_RECORD_TTL_S)) is False
+    assert v.validate(DHTRecord(foreign_key, b"\xc0", b"\x01", float("inf"))) is False
+    assert v.rejections == {"Expired": 1, "MalformedMessage": 1}
     assert v.validate(record(value(INTRUDER))) is False  # our keys are still checked
-    assert validator().validate(foreign) is False  # strict by default
+    assert validator().validate(DHTRecord(foreign_key, b"\xc0", b"\x01", NOW + 5)) is False  # strict by default
+
+
+def test_global_keys_are_always_managed():
+    v = validator(managed_names=["nodes"])
+    intruder = record(value(INTRUDER, run_id=OTHER_RUN, key=RUNS_DIRECTORY_KEY), key=RUNS_DIRECTORY_KEY)
+    assert all(v.manages(key_id(key)) for key in GLOBAL_KEYS)
+    assert not v.manages(key_id(dht_key(RUN, "heartbeats")))
+    assert v.validate(intruder) is False and v.rejections == {"WrongSubkey": 1}
+
+
+def test_one_record_lifetime_for_writers_validators_and_readers():
+    assert validator().max_ttl_s == MAX_RECORD_TTL_S
+    old = value(timestamp=NOW + 1 - MAX_RECORD_TTL_S + 1)
+    assert validator().validate(record(old, expiration=NOW + 2)) is True
+    open_record(old, run_id=RUN, limits=Limits(max_age_s=MAX_RECORD_TTL_S), now=NOW + 1)
 
 
 def test_sign_and_strip_are_identity():

@@ -9,6 +9,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol.errors import BadSignature, InvalidSpec
 from protocol.keys import public_key_bytes
 from protocol.runspec import (
+    EMBEDDED_DOMAINS,
+    HEARTBEAT_RETENTION,
+    MAX_HEARTBEAT_TTL_S,
     RunSpec,
     canonical_bytes,
     dumps_spec,
@@ -110,6 +113,9 @@ def test_unsigned_spec():
         ("[train]\nlr = -1.0", "train.lr"),
         ("[train]\nlr = inf", "train.lr: must be finite"),
         ("[swarm]\nheartbeat_ttl_s = 1.0", "swarm.heartbeat_ttl_s"),
+        ("[swarm]\nheartbeat_ttl_s = 241.0", "swarm.heartbeat_ttl_s: at most 240"),
+        ("[data]\nval_fraction = 0.0", r"data.val_fraction: must be in \(0, 1\)"),
+        ("[data]\nval_fraction = 1.0", r"data.val_fraction: must be in \(0, 1\)"),
         ("[owner]\npublic_key = 'zz'", "owner.public_key"),
         ("[train]\nlr = 1" + "0" * 400, "train.lr: number too large"),
         ("[train]\nseed = 1" + "0" * 40, "train.seed"),
@@ -125,6 +131,20 @@ def test_bad_specs_name_the_problem(text, where):
 def test_minimal_hand_written_spec_takes_defaults():
     loaded = loads_spec("[run]\nname = 'hand'\ncreated = '2025-01-01T00:00:00'\n")
     assert loaded.run.name == "hand" and loaded.pipeline.stages == 4 and loaded.owner.signature == ""
+
+
+def test_default_domains_are_the_embedded_ones():
+    from trainer.data import EMBEDDED_DOMAINS as TRAINER_DOMAINS
+
+    assert EMBEDDED_DOMAINS == TRAINER_DOMAINS
+    assert spec().data.domains == list(EMBEDDED_DOMAINS)
+
+
+def test_heartbeat_ttl_fits_the_record_lifetime():
+    from protocol.records import MAX_RECORD_TTL_S
+
+    assert MAX_HEARTBEAT_TTL_S * HEARTBEAT_RETENTION <= MAX_RECORD_TTL_S
+    assert spec(heartbeat_ttl_s=MAX_HEARTBEAT_TTL_S).swarm.heartbeat_ttl_s == MAX_HEARTBEAT_TTL_S
 
 
 def test_unknown_override():

@@ -114,7 +114,8 @@ def _frame(data: bytes) -> bytes:
 
 
 def _request(env, key=None, *, body=None, run=None, timestamp=None) -> bytes:
-    body = body if body is not None else {"method": "ping", "args": {}, "tensors": [], "token": env["client_token"]}
+    body = body if body is not None else {"method": "ping", "args": {}, "tensors": [], "token": env["client_token"],
+                                          "to": str(env["server_peer"])}
     return seal(key or env["client_key"], kind=REQUEST_KIND, run_id=run or env["rid"], body=body,
                 seq=time.time_ns(), timestamp=timestamp)
 
@@ -122,7 +123,7 @@ def _request(env, key=None, *, body=None, run=None, timestamp=None) -> bytes:
 def test_hostile_rpc_input_is_refused_with_its_own_error(private_swarm):
     env = private_swarm
     digest = hashlib.sha256(b"\0" * 12).digest()
-    bad_tensor = {"method": "echo", "args": {}, "token": env["client_token"],
+    bad_tensor = {"method": "echo", "args": {}, "token": env["client_token"], "to": str(env["server_peer"]),
                   "tensors": [{"name": "x", "dtype": "float32", "shape": [4], "nbytes": 12, "digest": digest}]}
     replayed = _request(env)
     stranger = generate_private_key()
@@ -136,6 +137,9 @@ def test_hostile_rpc_input_is_refused_with_its_own_error(private_swarm):
         ("TensorShapeMismatch", _frame(_request(env, body=bad_tensor)), b"\0" * 12),
         ("Unauthorized", _frame(_request(env, stranger, body={"method": "ping", "args": {}, "tensors": [], "token": None})), b""),
         ("BadSignature", _frame(_request(env)[:-3] + b"xyz"), b""),
+        # a request signed for another node, relayed here
+        ("WrongRecipient", _frame(_request(env, body={"method": "ping", "args": {}, "tensors": [],
+                                                      "token": env["client_token"], "to": "12D3KooWother"})), b""),
     ]
 
     async def go():

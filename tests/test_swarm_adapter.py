@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
 
 from node.config import NodeConfig
 from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
 from protocol.keys import generate_private_key
+from protocol.records import dht_key
 from protocol.runspec import make_spec
 from tests.harness import Cluster, wait_until
 from trainer.swarm import SwarmCallError
@@ -28,7 +31,7 @@ def test_peers_call_serve_publish_read(tmp_path):
         for name in ("alpha", "beta"):
             config = NodeConfig(initial_peers=(bootstrap,), host_maddrs=("/ip4/127.0.0.1/tcp/0",), device="cpu",
                                 public_name=name, data_dir=str(tmp_path / name))
-            node = Node(config, spec, generate_private_key())
+            node = Node(config, spec, generate_private_key(), app_record_names=("x-test",))
             node.start()
             nodes.append(node)
         alpha, beta = nodes
@@ -76,6 +79,19 @@ def test_peers_call_serve_publish_read(tmp_path):
                 assert records[a.my_id] == {"value": 7}
                 with pytest.raises(ValueError):
                     await a.publish("heartbeats", {"forged": True}, 30)
+                with pytest.raises(ValueError):
+                    await a.publish("undeclared", {"value": 1}, 30)
+
+                # a peer without our validator cannot wipe a declared record family with a plain value
+                raw = DHT(initial_peers=[bootstrap], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+                try:
+                    key = dht_key(alpha.run_id, "x-test")
+                    raw.store(key, b"garbage", get_dht_time() + 10**6)
+                finally:
+                    raw.shutdown()
+                assert (await b.read("x-test")).get(a.my_id) == {"value": 7}
+                assert await a.publish("x-test", {"value": 8}, 30)
+                assert (await b.read("x-test")).get(a.my_id) == {"value": 8}
 
                 # weighted group averaging through hivemind's averager: sum(w * x) / sum(w), same on both
                 g = torch.Generator().manual_seed(1)

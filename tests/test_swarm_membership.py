@@ -45,10 +45,13 @@ def test_five_nodes_join_die_and_leave(cluster: Cluster, tmp_path):
     expected = [(f"n{i}", "ONLINE") for i in range(NODES)]
 
     def all_online():
+        asked = time.monotonic()
         report = cluster.status(bootstrap)
-        return report if sorted(_states(report).items()) == expected else None
+        return (asked, report) if sorted(_states(report).items()) == expected else None
 
-    report = wait_until(all_online, timeout=30 - (time.monotonic() - started), interval=0.5, what="5 ONLINE nodes")
+    # a status call takes seconds on 2 loaded cores: what counts is when the successful one was asked
+    asked, report = wait_until(all_online, timeout=45, interval=0.5, what="5 ONLINE nodes")
+    assert asked - started <= 30, f"all 5 ONLINE only {asked - started:.1f} s after start"
     node = report["nodes"][0]
     for field in ("id", "peer_id", "role", "state", "last_seen_s", "version"):
         assert field in node
@@ -60,8 +63,13 @@ def test_five_nodes_join_die_and_leave(cluster: Cluster, tmp_path):
     assert victim_daemons, "could not find the victim's p2pd"
     victim.popen.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: _states(cluster.status(bootstrap)).get("n0") == "DEAD", ttl + 10, 0.5, "n0 DEAD")
-    assert time.monotonic() - killed <= ttl + 10
+
+    def reported_dead():
+        asked = time.monotonic()
+        return asked if _states(cluster.status(bootstrap)).get("n0") == "DEAD" else None
+
+    asked = wait_until(reported_dead, ttl + 25, 0.5, "n0 DEAD")
+    assert asked - killed <= ttl + 10, f"DEAD reported only {asked - killed:.1f} s after the kill"
     wait_until(lambda: not any(alive(pid) for pid in victim_daemons), 10, 0.2, "the killed node's p2pd to exit")
 
     # SIGTERM: LEAVING (or gone), and the process exits by itself with status 0

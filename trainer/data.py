@@ -200,7 +200,8 @@ def domain_from_jsonl(
     raw = _read(path)
     _require_text(raw, path)
     docs = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028 and friends, legal inside JSON strings
+    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
