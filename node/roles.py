@@ -46,3 +46,34 @@ def choose_role(
     live = ", ".join(f"{s}:{counts.get(s, 0)}" for s in range(num_stages))
     reason = f"stage {chosen} has the fewest live replicas ({counts.get(chosen, 0)}; by stage {live})"
     return RoleChoice(Role.DATA if chosen == 0 else Role.STAGE, chosen, reason)
+
+
+def reconsider_stage(
+    me: bytes,
+    current: RoleChoice,
+    mode: str,
+    num_stages: int,
+    members: Mapping[bytes, Member],
+    requested: str = "auto",
+) -> RoleChoice | None:
+    """After announcing JOINING: nodes that joined at the same moment may have picked the same stage.
+
+    Of the JOINING nodes sharing a stage, the one with the smallest id stays (ONLINE nodes always stay);
+    the others move when a stage with fewer replicas exists. Returns the new choice, or None to stay.
+    """
+    if mode != "pipeline" or requested == "data" or current.stage is None:
+        return None
+    rivals = [
+        key for key, m in members.items()
+        if key != me and m.announcement.stage == current.stage and m.state in ("ONLINE", "JOINING")
+        and (m.state == "ONLINE" or key < me)
+    ]
+    if not rivals:
+        return None
+    others = {key: m for key, m in members.items() if key != me}
+    better = choose_role(mode, num_stages, others, requested)
+    counts = count_by_stage(others)
+    if counts.get(better.stage, 0) >= counts.get(current.stage, 0):
+        return None
+    return RoleChoice(better.role, better.stage, f"{better.reason}; moved from stage {current.stage}, "
+                                                 "which a node joining at the same time also took")

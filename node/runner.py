@@ -16,7 +16,7 @@ from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
 from node.membership import Member, derive_members, diff_events
-from node.roles import RoleChoice, choose_role
+from node.roles import RoleChoice, choose_role, reconsider_stage
 from node.rpc import CallContext, Handler, RpcEndpoint
 from protocol.access import AccessPolicy
 from protocol.errors import ProtocolError
@@ -173,6 +173,26 @@ class Node:
         await self.announce(self.state)
         await self.publish_run_directory()
 
+    def _log_role(self) -> None:
+        assert self.role is not None
+        logger.info("role: %s%s — %s", self.role.role.value,
+                    f" stage {self.role.stage}" if self.role.stage is not None else "", self.role.reason)
+
+    async def _settle_stage(self, rounds: int = 3) -> None:
+        """Nodes started together all see the same counts and pick the same stage: look again once
+        our JOINING announcement is out, and spread out (see roles.reconsider_stage)."""
+        assert self.role is not None
+        for _ in range(rounds):
+            await asyncio.sleep(self.timeouts.heartbeat_interval_s)  # let concurrent joiners announce
+            members = await self.refresh_membership()
+            moved = reconsider_stage(self.public_key, self.role, self.spec.run.mode, self.spec.pipeline.stages,
+                                     members, self.config.role)
+            if moved is None:
+                return
+            self.role = moved
+            self._log_role()
+            await self.announce(NodeState.JOINING)
+
     async def _join(self) -> None:
         assert self.swarm is not None
         p2p = await self.swarm.p2p()
@@ -184,9 +204,10 @@ class Node:
         self.role = choose_role(
             self.spec.run.mode, self.spec.pipeline.stages, self.view.members, self.config.role, self.config.stage
         )
-        logger.info("role: %s%s — %s", self.role.role.value,
-                    f" stage {self.role.stage}" if self.role.stage is not None else "", self.role.reason)
+        self._log_role()
         await self.announce(NodeState.JOINING)
+        if self.config.role == "auto" and self.config.stage is None and self.spec.run.mode == "pipeline":
+            await self._settle_stage()
         self.state = NodeState.ONLINE
         await self.announce(NodeState.ONLINE)
         await self.publish_run_directory()

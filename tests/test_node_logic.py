@@ -395,3 +395,44 @@ def test_public_name_must_be_printable(name):
     # it is shown on other operators' terminals and in their logs
     with pytest.raises(ConfigError, match="public-name"):
         load_node_config({"public_name": name}, env={})
+
+
+def joining_at(stages: dict[bytes, tuple[int, str]]) -> dict:
+    """key -> (stage, state) with state JOINING or ONLINE."""
+    announcements, heartbeats = {}, {}
+    for key, (stage, state) in stages.items():
+        said = NodeState(state)
+        role = Role.DATA if stage == 0 else Role.STAGE
+        announcements[key] = (NOW - 1, announcement(said, stage=stage, role=role))
+        heartbeats[key] = (NOW - 1, beat(said))
+    return derive_members(announcements, heartbeats, NOW, TTL)
+
+
+def test_nodes_that_joined_together_spread_over_the_stages():
+    from node.roles import RoleChoice, reconsider_stage
+
+    a, b, c = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    # all three saw an empty swarm and took stage 0
+    members = joining_at({a: (0, "JOINING"), b: (0, "JOINING"), c: (0, "JOINING")})
+    mine = RoleChoice(Role.DATA, 0, "")
+    assert reconsider_stage(a, mine, "pipeline", 4, members) is None  # smallest id keeps the stage
+    moved_b = reconsider_stage(b, mine, "pipeline", 4, members)
+    assert moved_b is not None and moved_b.stage == 1 and moved_b.role == Role.STAGE
+    assert "moved from stage 0" in moved_b.reason
+    # the next round: b is on 1 now; c (also moved to 1 at the same time) moves on, b stays
+    members = joining_at({a: (0, "JOINING"), b: (1, "JOINING"), c: (1, "JOINING")})
+    assert reconsider_stage(b, RoleChoice(Role.STAGE, 1, ""), "pipeline", 4, members) is None
+    assert reconsider_stage(c, RoleChoice(Role.STAGE, 1, ""), "pipeline", 4, members).stage == 2
+
+
+def test_an_online_node_keeps_its_stage_and_nobody_moves_to_a_fuller_stage():
+    from node.roles import RoleChoice, reconsider_stage
+
+    a, b = b"\x01" * 32, b"\x02" * 32
+    members = joining_at({a: (1, "JOINING"), b: (1, "ONLINE")})
+    moved = reconsider_stage(a, RoleChoice(Role.STAGE, 1, ""), "pipeline", 2, members)
+    assert moved is not None and moved.stage == 0  # b was there first, even with a larger id
+    # a 2-stage run where every other stage is as full: stay
+    members = joining_at({a: (1, "JOINING"), b: (1, "ONLINE"), b"\x03" * 32: (0, "ONLINE")})
+    assert reconsider_stage(a, RoleChoice(Role.STAGE, 1, ""), "pipeline", 2, members) is None
+    assert reconsider_stage(a, RoleChoice(Role.ZO, None, ""), "zo", 1, members) is None

@@ -56,6 +56,8 @@ def test_five_nodes_join_die_and_leave(cluster: Cluster, tmp_path):
     for field in ("id", "peer_id", "role", "state", "last_seen_s", "version"):
         assert field in node
     assert {n["run_id"] for n in report["nodes"]} == {report["runs"][0]["run_id"]}
+    # --role auto: nodes that started together spread out, so no stage of the 4 is left unserved
+    assert sorted({n["stage"] for n in report["nodes"]}) == [0, 1, 2, 3], report["nodes"]
 
     # kill -9: reported DEAD within the heartbeat expiry + 10 s, and its p2pd does not outlive it
     victim = nodes[0]
