@@ -338,7 +338,10 @@ async def _every(period: float, action, stop: asyncio.Event, first_delay: float 
                 return
             except TimeoutError:
                 pass  # time for the next tick
-        await action()
+        try:
+            await action()
+        except Exception:  # one failed tick must not stop the node's heartbeats for good
+            logger.exception("periodic %s failed; trying again next tick", getattr(action, "__name__", action))
         next_at += period
         if next_at < loop.time():
             next_at = loop.time() + period
