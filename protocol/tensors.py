@@ -76,6 +76,9 @@ def _check_header(header: Any, limits: TensorLimits) -> tuple[torch.dtype, list[
         raise MessageTooLarge(f"tensor has {len(shape)} dimensions, limit {limits.max_dims}")
     if any(d > limits.max_elements for d in shape):  # also guards empty tensors with absurd dims
         raise MessageTooLarge(f"tensor dimension {max(shape)} exceeds {limits.max_elements}")
+    # An empty tensor's strides are still products of its other dims: bound them so torch cannot overflow.
+    if math.prod(max(d, 1) for d in shape) > limits.max_elements:
+        raise MessageTooLarge(f"tensor shape {shape} spans more than {limits.max_elements} elements")
     dtype = DTYPES[name]
     numel = math.prod(shape)
     if numel > limits.max_elements:

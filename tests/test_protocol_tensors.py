@@ -137,3 +137,13 @@ def test_oversize_is_refused_before_reading_data(header, limits):
 def test_malformed(obj):
     with pytest.raises(MalformedMessage):
         decode_tensor(obj)
+
+
+def test_empty_tensor_with_dims_whose_strides_overflow_is_refused():
+    # found by hypothesis: torch raised "Stride calculation overflowed" on this header
+    from protocol.errors import MessageTooLarge
+    from protocol.tensors import decode_tensor_parts
+
+    header = {"dtype": "bfloat16", "shape": [0, 2_147_483_648, 60989, 70422], "nbytes": 0}
+    with pytest.raises(MessageTooLarge):
+        decode_tensor_parts(header, b"")
