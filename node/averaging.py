@@ -11,7 +11,6 @@ replicas must reconcile them itself.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
 import signal
@@ -25,13 +24,13 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 
 from node.config import Timeouts
+from node.dht import die_with_parent
 from protocol.access import AccessPolicy
 from protocol.envelope import Limits, Sequencer, open_envelope, seal
 from protocol.errors import MalformedMessage, ProtocolError, WrongKey
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 JOIN_KIND = "avg.join"
 
 
@@ -43,7 +42,7 @@ class _ReapedAverager(DecentralizedAverager):
     """The averager runs in a forked child: make it die with the node, whatever kills the node."""
 
     def run(self) -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent(signal.SIGKILL)
         super().run()
 
 

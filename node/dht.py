@@ -49,6 +49,11 @@ class Record:
     expiration_time: float
 
 
+def die_with_parent(signum: int) -> None:
+    """Linux: have the kernel send ``signum`` to this process when the thread that forked it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
 async def _install_reaper(parent_pid: int, _dht: DHT, node) -> int:
     """Runs inside the DHT child: die with the parent and take p2pd along."""
     p2pd = getattr(node.p2p, "_child", None)
@@ -64,8 +69,7 @@ async def _install_reaper(parent_pid: int, _dht: DHT, node) -> int:
     signal.signal(signal.SIGTERM, terminate)
     # Ctrl-C reaches the whole process group; the parent decides how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         terminate()
     return p2pd.pid if p2pd is not None else -1

@@ -23,13 +23,14 @@ from node.config import Timeouts
 from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, ReplayGuard, Sequencer, open_envelope, seal
 from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, TensorShapeMismatch
+from protocol.messages import MAX_ERROR, RpcReply, RpcRequest
 from protocol.tensors import TensorLimits, decode_tensor_parts, tensor_bytes, tensor_header
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL_NAME = "/swarmtrain/rpc/1"
-REQUEST_KIND = "rpc.request"
-REPLY_KIND = "rpc.reply"
+REQUEST_KIND = RpcRequest.KIND
+REPLY_KIND = RpcReply.KIND
 _LENGTH_BYTES = 4
 _CHUNK = 1 << 22
 _DIGEST = 32
@@ -258,7 +259,12 @@ class RpcEndpoint:
                 await self._refuse(peer, writer, "InternalError", "the handler failed; see the serving node's log")
                 return
             headers_out, payloads = _describe(out_tensors)
-            reply = self._seal(REPLY_KIND, {"ok": True, "result": result, "error": "", "tensors": headers_out})
+            try:
+                reply = self._seal(REPLY_KIND, RpcReply(ok=True, result=result, tensors=headers_out).to_body())
+            except ProtocolError as error:  # the handler returned something that cannot go on the wire
+                logger.error("rpc handler %s returned an unsendable result: %s", method, error)
+                await self._refuse(peer, writer, "InternalError", "the handler's result cannot be sent")
+                return
             async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
                 await _write_frame(writer, reply)
                 self.stats.bytes_out += await _write_payloads(writer, payloads)
@@ -272,16 +278,14 @@ class RpcEndpoint:
             raw = await _read_frame(reader, self.limits.max_header_bytes)
         now = self._clock()
         envelope = open_envelope(raw, REQUEST_KIND, self.envelope_limits, run_id=self.run_id, now=now)
-        body = envelope.body
-        # access before replay: a stranger's envelopes must not take room in the replay guard
-        self.access.check(envelope.sender, body.get("token"), now)
-        if body.get("to") != self._my_peer_id:
-            raise WrongRecipient(f"the request is addressed to {str(body.get('to'))[:60]!r}, not to this node")
+        # access before anything is remembered: a stranger's envelopes must not take room in the replay guard
+        self.access.check(envelope.sender, envelope.body.get("token"), now)
+        request = RpcRequest.from_body(envelope.body)
+        if request.to != self._my_peer_id:
+            raise WrongRecipient(f"the request is addressed to {request.to[:60]!r}, not to this node")
         self._replay.check_and_remember(envelope, now)
-        method, args = body.get("method"), body.get("args", {})
-        if not isinstance(method, str) or not isinstance(args, dict):
-            raise MalformedMessage("request needs a string 'method' and a map 'args'")
-        headers = _check_tensor_headers(body.get("tensors", []), self.limits)
+        method, args = request.method, request.args
+        headers = _check_tensor_headers(request.tensors, self.limits)
         total = sum(h["nbytes"] for h in headers)
         if self._inflight_bytes + total > self.limits.max_inflight_bytes:
             raise MessageTooLarge(f"{total} tensor bytes would exceed this node's in-flight budget; retry later")
@@ -298,7 +302,7 @@ class RpcEndpoint:
     async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
         self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1
         logger.warning("refused rpc from %s: %s: %s", peer, kind, message)
-        reply = self._seal(REPLY_KIND, {"ok": False, "result": {}, "error": f"{kind}: {message}"[:1000], "tensors": []})
+        reply = self._seal(REPLY_KIND, RpcReply(ok=False, error=f"{kind}: {message}"[:MAX_ERROR]).to_body())
         try:
             async with asyncio.timeout(self.timeouts.rpc_s):
                 await _write_frame(writer, reply)
@@ -312,8 +316,11 @@ class RpcEndpoint:
     ) -> tuple[bytes, dict, dict[str, torch.Tensor]]:
         """Call ``method`` on ``peer_id``; returns (remote signer, result, tensors)."""
         headers, payloads = _describe(tensors or {})
-        body = {"method": method, "args": args or {}, "tensors": headers, "token": self.token, "to": str(peer_id)}
-        request = self._seal(REQUEST_KIND, body)
+        try:
+            body = RpcRequest(method=method, to=str(peer_id), args=args or {}, tensors=headers, token=self.token)
+            request = self._seal(REQUEST_KIND, body.to_body())
+        except ProtocolError as error:
+            raise RpcError(f"cannot send {method!r}: {type(error).__name__}: {error}") from None
         try:
             async with asyncio.timeout(self.timeouts.rpc_s):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(peer_id, PROTOCOL_NAME)
@@ -326,15 +333,12 @@ class RpcEndpoint:
             async with asyncio.timeout(self.timeouts.rpc_s):
                 raw = await _read_frame(reader, self.limits.max_header_bytes)
             reply = open_envelope(raw, REPLY_KIND, self.envelope_limits, run_id=self.run_id, now=self._clock())
-            body = reply.body
-            if not body.get("ok"):
-                error = str(body.get("error", "unknown error"))
-                kind, _, message = error.partition(": ")
+            answer = RpcReply.from_body(reply.body)
+            if not answer.ok:
+                kind, _, message = answer.error.partition(": ")
                 raise RemoteError(kind, message)
-            result = body.get("result", {})
-            if not isinstance(result, dict):
-                raise MalformedMessage("reply 'result' is not a map")
-            out_headers = _check_tensor_headers(body.get("tensors", []), self.limits)
+            result = answer.result
+            out_headers = _check_tensor_headers(answer.tensors, self.limits)
             async with asyncio.timeout(self.timeouts.transfer_s(sum(h["nbytes"] for h in out_headers))):
                 out = await _read_tensors(reader, out_headers, self.tensor_limits)
             return reply.sender, result, out
