@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--access", choices=("public", "private"), default="public",
                       help="private runs admit only nodes holding a join token")
     init.add_argument("--stages", type=int, default=None, help="pipeline stages (pipeline mode)")
+    init.add_argument("--steps", type=int, default=None, help="training steps of the run")
+    init.add_argument("--lr", type=float, default=None, help="learning rate")
+    init.add_argument("--domains", nargs="+", default=None, metavar="DOMAIN",
+                      help="embedded domain names (python, prose, arithmetic) or paths of text files/directories")
+    init.add_argument("--min-nodes", type=int, default=None,
+                      help="zo mode: the first step waits until this many nodes are live")
+    init.add_argument("--probes", type=int, default=None, help="zo mode: probes (one byte each) per node per step")
+    init.add_argument("--aggregation", choices=("mean", "trimmed", "clip"), default=None,
+                      help="zo mode: how the committed scalars are combined (trimmed and clip resist malicious nodes)")
+    init.add_argument("--params", nargs="+", default=None, metavar="PATTERN",
+                      help="zo mode: fnmatch patterns of the parameter names to train (default tok_emb.weight)")
+    init.add_argument("--base-weights", default=None, metavar="FILE",
+                      help="zo mode: base weights (torch.save state dict) whose hash the spec records")
     init.add_argument("--force", action="store_true", help="overwrite an existing spec file")
     show = run_commands.add_parser("show", help="verify a run spec and print its id")
     show.add_argument("spec", help="path of the run spec")
@@ -99,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--token", default=None, help="join token (text) for a private run")
     node.add_argument("--client-mode", action="store_true", default=None,
                       help="do not accept incoming DHT connections (behind NAT without relay)")
+    node.add_argument("--base-weights", default=None, metavar="FILE",
+                      help="zo mode: the run's base weights (else the model is initialised from the run's seed)")
+    node.add_argument("--zo-join", choices=("auto", "replay", "snapshot"), default=None,
+                      help="zo mode: catch up by replaying the commit log, by a weight snapshot, or the cheaper one")
+    node.add_argument("--zo-report", default=None, metavar="FILE",
+                      help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
+    node.add_argument("--zo-fault", choices=("max-scalar",), default=None, help=argparse.SUPPRESS)  # tests only
 
     status = commands.add_parser("status", help="show the swarm's runs and nodes", epilog=SETTINGS_EPILOG)
     _add_swarm_flags(status, listens=False)
@@ -106,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser("demo", help="train the tiny model on the embedded data and show the loss falling")
-    demo.add_argument("--steps", type=int, default=300, help="training steps")
-    demo.add_argument("--preset", default="tiny", help="model preset")
+    demo.add_argument("--mode", choices=("single", "zo"), default="single",
+                      help="single: one process with AdamW; zo: a local swarm of node processes with SPSA")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
+    demo.add_argument("--preset", default="tiny", help="model preset (single mode)")
+    demo.add_argument("--nodes", type=int, default=4, help="zo mode: node processes")
+    demo.add_argument("--base-steps", type=int, default=60,
+                      help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
+    demo.add_argument("--json", action="store_true", help="zo mode: the last line printed is one JSON object")
     return parser
 
 
@@ -121,7 +147,7 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 _NODE_FLAGS = ("run", "data_dir", "initial_peers", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
-               "stage", "device", "token", "client_mode", "log_format", "log_level")
+               "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join")
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -149,11 +175,36 @@ def cmd_run_init(args: argparse.Namespace) -> int:
         overrides["name"] = args.name
     if args.stages is not None:
         overrides["stages"] = args.stages
+    for flag in ("steps", "lr", "domains", "min_nodes", "probes", "aggregation", "params"):
+        if getattr(args, flag) is not None:
+            if args.mode != "zo" and flag in ("min_nodes", "probes", "aggregation", "params"):
+                raise CliError(f"--{flag.replace('_', '-')} applies to --mode zo only")
+            overrides[flag] = getattr(args, flag)
+    if args.base_weights is not None:
+        if args.mode != "zo":
+            raise CliError("--base-weights applies to --mode zo only")
+        overrides["base_hash"] = _base_hash(args.base_weights, args.preset, overrides.get("params"))
     spec = make_spec(args.mode, args.preset, read_private_key(Path(args.key)), access=args.access, **overrides)
     _check_model_fits(spec)
     out.write_text(dumps_spec(spec))
     print(f"run id {run_id(spec).hex()} written to {out}")
     return 0
+
+
+def _base_hash(path: str, preset: str, params) -> str:
+    import dataclasses
+
+    from node.zo_node import BaseWeightsError, build_replica
+    from protocol.runspec import RunSpec, ZoSection
+
+    _model_config(preset)
+    spec = RunSpec()
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, preset=preset),
+                               zo=ZoSection(params=list(params or ["tok_emb.weight"])))
+    try:
+        return build_replica(spec, path)[1].hex()
+    except BaseWeightsError as error:
+        raise CliError(str(error)) from None
 
 
 def _model_config(preset: str):
@@ -284,7 +335,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     if spec.run.access == "private" and token is None and node_id != spec.owner.public_key:
         raise CliError(f"run {spec.run.name!r} is private: ask its owner for a join token for node {node_id} "
                        f"(swarmtrain token issue --run RUN --key OWNER_KEY --node {node_id}) and pass it with --token")
-    node = Node(config, spec, key, token)
+    zo = spec.run.mode == "zo"
+    if zo:
+        from node.zo_node import RECORD_NAMES, build_replica
+
+        build_replica(spec, config.base_weights)  # a bad --base-weights fails here, before the swarm starts
+    node = Node(config, spec, key, token, app_record_names=RECORD_NAMES if zo else ())
     maddrs = node.start()
     try:
         print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
@@ -294,7 +350,19 @@ def cmd_node(args: argparse.Namespace) -> int:
         async def serve() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            if not zo:
+                await node.run(stop)
+                return
+            from node.zo_node import run_zo_worker
+
+            report = Path(args.zo_report) if getattr(args, "zo_report", None) else None
+            worker = asyncio.create_task(run_zo_worker(node, stop, config.base_weights, config.zo_join, report,
+                                                       getattr(args, "zo_fault", None)))
             await node.run(stop)
+            if worker.done():
+                worker.result()  # a failed worker's error reaches the user
+            else:
+                worker.cancel()
 
         asyncio.run(serve())
     finally:
@@ -322,10 +390,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train_single_process
 
     setup_logging("plain", "WARNING")
-    if args.steps <= 0:
+    if args.steps is not None and args.steps <= 0:
         raise CliError("--steps must be positive")
+    if args.mode == "zo":
+        return _demo_zo(args)
+    if args.json:
+        raise CliError("--json applies to --mode zo")
     _model_config(args.preset)
-    config = TrainConfig(preset=args.preset, steps=args.steps)
+    config = TrainConfig(preset=args.preset, steps=args.steps or 300)
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
           f"(domains: {', '.join(config.domains) if config.domains else 'all'})", flush=True)
 
@@ -341,6 +413,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"validation loss {result.initial_val_loss:.3f} -> {result.final_val_loss:.3f} ({drop:.0f}% lower)")
     print(_sample_text(result.model, "def "), flush=True)
     return 0
+
+
+def _demo_zo(args: argparse.Namespace) -> int:
+    from node.zo_demo import DemoError, run_demo
+
+    if not 1 <= args.nodes <= 16:
+        raise CliError("--nodes must be in 1..16 (each node process needs about 300 MB)")
+    if args.base_steps < 0:
+        raise CliError("--base-steps must be >= 0")
+    try:
+        result = run_demo(args.nodes, args.steps or 60, args.base_steps, args.json)
+    except DemoError as error:
+        raise CliError(str(error)) from None
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0 if result["weights_identical"] else EXIT_FAILURE
+    print(f"{result['nodes']} nodes, {result['steps']} steps in {result['seconds']} s: validation loss "
+          f"{result['loss_start']:.3f} -> {result['loss_end']:.3f}")
+    print(f"replicas bit-identical: {'yes' if result['weights_identical'] else 'NO'}")
+    print(f"on the wire: {result['payload_bytes_per_sample']} byte of payload per probe, "
+          f"{result['wire_bytes_per_node_step']:,.0f} bytes per node per step with headers "
+          f"(an fp32 ring all-reduce of the {result['params']:,} parameters: {result['allreduce_bytes_per_node_step']:,})")
+    return 0 if result["weights_identical"] else EXIT_FAILURE
 
 
 def _sample_text(model, prompt: str) -> str:
@@ -397,7 +492,8 @@ def _known_error(error: Exception) -> str | None:
     # add seconds to every error message.
     user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
                    (("node.dht", "SwarmStartError"), ("node.dht", "DHTReadError"), ("node.runner", "DeviceError"),
-                    ("node.roles", "RoleError"), ("node.averaging", "AveragingError"))]
+                    ("node.roles", "RoleError"), ("node.averaging", "AveragingError"),
+                    ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"))]
     if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):

@@ -51,6 +51,8 @@ class NodeConfig:
     device: str = "auto"
     client_mode: bool = False
     token: str = ""  # join token text for a private run
+    base_weights: str = ""  # zo mode: file of the run's base weights (torch.save state dict); "" = from the seed
+    zo_join: str = "auto"  # zo mode: catch up by replaying the commit log, by a snapshot, or whichever is cheaper
     log_format: str = "plain"
     log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -83,8 +83,10 @@ class HandlerError(Exception):
 class RpcStats:
     served: int = 0
     refused: dict[str, int] = field(default_factory=dict)
-    bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_in: int = 0  # tensor bytes received by served calls
+    bytes_out: int = 0  # tensor bytes sent in replies
+    sent: int = 0  # every byte this node wrote to RPC streams, as caller and server: frames, headers, tensors
+    received: int = 0  # every byte it read from them
 
 
 def _digest(data: memoryview | bytes | bytearray) -> bytes:
@@ -267,7 +269,9 @@ class RpcEndpoint:
                 return
             async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
                 await _write_frame(writer, reply)
-                self.stats.bytes_out += await _write_payloads(writer, payloads)
+                sent = await _write_payloads(writer, payloads)
+            self.stats.bytes_out += sent
+            self.stats.sent += _LENGTH_BYTES + len(reply) + sent
             self.stats.served += 1
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as error:
             logger.info("rpc from %s broke off: %s", peer, type(error).__name__)
@@ -276,6 +280,7 @@ class RpcEndpoint:
         """Read and check one request; raises the ProtocolError that refuses it."""
         async with asyncio.timeout(self.timeouts.rpc_s):
             raw = await _read_frame(reader, self.limits.max_header_bytes)
+        self.stats.received += _LENGTH_BYTES + len(raw)
         now = self._clock()
         envelope = open_envelope(raw, REQUEST_KIND, self.envelope_limits, run_id=self.run_id, now=now)
         # access before anything is remembered: a stranger's envelopes must not take room in the replay guard
@@ -297,6 +302,7 @@ class RpcEndpoint:
         finally:
             self._inflight_bytes -= total
         self.stats.bytes_in += total
+        self.stats.received += total
         return envelope, method, args, tensors
 
     async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
@@ -306,6 +312,7 @@ class RpcEndpoint:
         try:
             async with asyncio.timeout(self.timeouts.rpc_s):
                 await _write_frame(writer, reply)
+            self.stats.sent += _LENGTH_BYTES + len(reply)
         except (ConnectionError, TimeoutError):
             pass  # the caller is gone; the refusal is logged and counted above
 
@@ -329,9 +336,10 @@ class RpcEndpoint:
         try:
             async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
                 await _write_frame(writer, request)
-                await _write_payloads(writer, payloads)
+                self.stats.sent += _LENGTH_BYTES + len(request) + await _write_payloads(writer, payloads)
             async with asyncio.timeout(self.timeouts.rpc_s):
                 raw = await _read_frame(reader, self.limits.max_header_bytes)
+            self.stats.received += _LENGTH_BYTES + len(raw)
             reply = open_envelope(raw, REPLY_KIND, self.envelope_limits, run_id=self.run_id, now=self._clock())
             answer = RpcReply.from_body(reply.body)
             if not answer.ok:
@@ -341,6 +349,7 @@ class RpcEndpoint:
             out_headers = _check_tensor_headers(answer.tensors, self.limits)
             async with asyncio.timeout(self.timeouts.transfer_s(sum(h["nbytes"] for h in out_headers))):
                 out = await _read_tensors(reader, out_headers, self.tensor_limits)
+            self.stats.received += sum(h["nbytes"] for h in out_headers)
             return reply.sender, result, out
         except ProtocolError as error:
             raise RpcError(f"bad reply from {peer_id}: {type(error).__name__}: {error}") from None

@@ -224,6 +224,15 @@ class Node:
         except TimeoutError:
             logger.warning("could not publish LEAVING within %.0f s", self.timeouts.leave_grace_s)
 
+    async def report_event(self, event: str, detail: str) -> None:
+        """Record an event about this node (e.g. a resync) where observers read events."""
+        assert self.swarm is not None
+        self.view.events.append(Event(event=event, subject=self.public_key, detail=detail[:1024], at=time.time()))
+        logger.info("event: %s %s", event, detail)
+        recent = list(self.view.events)[-MAX_PUBLISHED_EVENTS:]
+        await self.swarm.store(EVENTS, Event.KIND, {"events": [e.to_body() for e in recent]},
+                               self.timeouts.announce_ttl_s)
+
     def averaging(self) -> GroupAveraging:
         """The node's group averagers, created on first use (each averager is a forked process)."""
         assert self.swarm is not None, "start() first"

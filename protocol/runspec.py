@@ -79,6 +79,26 @@ class SwarmSection:
 
 
 @dataclass(frozen=True)
+class ZoSection:
+    """Mode zo (shared-randomness SPSA); docs/zo.md explains each value."""
+
+    eps: float = 1e-3  # perturbation size: probes evaluate w + eps z and w - eps z
+    probes: int = 1  # samples (seeds) per node per step; each sends one byte
+    params: list[str] = field(default_factory=list)  # fnmatch patterns of trained parameter names; [] = all
+    quantizer: str = "log"  # log or linear
+    g_max: float = 64.0  # largest |projected gradient| a byte carries; larger values are clipped
+    g_min: float = 1e-3  # smallest non-zero level of the log scale
+    aggregation: str = "mean"  # mean, trimmed or clip (robust options against malicious scalars)
+    trim_fraction: float = 0.25  # trimmed: drop this fraction of the smallest and of the largest scalars
+    clip_factor: float = 3.0  # clip: radius = clip_factor x median absolute deviation around the median
+    min_nodes: int = 1  # the first step waits until this many nodes are live
+    step_timeout_s: float = 10.0  # the committer closes a step this long after opening it
+    hash_every: int = 10  # steps between published weight hashes
+    snapshot_every: int = 100  # steps between local snapshots (restart and join points)
+    base_hash: str = ""  # hex blake2b-256 of the base weights; "" = initialise from train.seed
+
+
+@dataclass(frozen=True)
 class OwnerSection:
     public_key: str = ""  # hex of the owner's raw Ed25519 public key
     signature: str = ""  # hex of the owner's signature over canonical_bytes(spec)
@@ -92,6 +112,7 @@ class RunSpec:
     train: TrainSection = field(default_factory=TrainSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     swarm: SwarmSection = field(default_factory=SwarmSection)
+    zo: ZoSection = field(default_factory=ZoSection)
     owner: OwnerSection = field(default_factory=OwnerSection)
 
 
@@ -102,6 +123,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "pipeline": PipelineSection,
     "swarm": SwarmSection,
+    "zo": ZoSection,
     "owner": OwnerSection,
 }
 
@@ -168,7 +190,7 @@ def _is_hex(text: str, nbytes: int) -> bool:
 
 def check_spec(spec: RunSpec) -> None:
     """Range and consistency checks; raises InvalidSpec naming the key."""
-    run, model, data, train, pipe, swarm, owner = (getattr(spec, name) for name in SECTIONS)
+    run, model, data, train, pipe, swarm, zo, owner = (getattr(spec, name) for name in SECTIONS)
     _require(0 < len(run.name) <= 64 and run.name.isprintable(), "run.name: 1..64 printable characters")
     _require(run.mode in MODES, f"run.mode: {run.mode!r} is not one of {', '.join(MODES)}")
     _require(run.access in ACCESS, f"run.access: {run.access!r} is not one of {', '.join(ACCESS)}")
@@ -205,8 +227,34 @@ def check_spec(spec: RunSpec) -> None:
         f"swarm.heartbeat_ttl_s: at most {MAX_HEARTBEAT_TTL_S:.0f} (heartbeats are kept {HEARTBEAT_RETENTION} x ttl, "
         "records live at most 3600 s)",
     )
+    _check_zo(zo)
     _require(owner.public_key == "" or _is_hex(owner.public_key, PUBLIC_KEY_BYTES), "owner.public_key: 64 hex digits")
     _require(owner.signature == "" or _is_hex(owner.signature, SIGNATURE_BYTES), "owner.signature: 128 hex digits")
+
+
+ZO_QUANTIZERS = ("log", "linear")
+ZO_AGGREGATIONS = ("mean", "trimmed", "clip")
+MAX_ZO_PROBES = 64
+MAX_ZO_PARAM_PATTERNS = 64
+
+
+def _check_zo(zo: ZoSection) -> None:
+    _require(0.0 < zo.eps <= 1.0, "zo.eps: must be in (0, 1]")
+    _require(1 <= zo.probes <= MAX_ZO_PROBES, f"zo.probes: must be in 1..{MAX_ZO_PROBES}")
+    _require(len(zo.params) <= MAX_ZO_PARAM_PATTERNS, f"zo.params: at most {MAX_ZO_PARAM_PATTERNS} patterns")
+    _require(all(0 < len(p) <= 256 for p in zo.params), "zo.params: each pattern 1..256 characters")
+    _require(zo.quantizer in ZO_QUANTIZERS, f"zo.quantizer: {zo.quantizer!r} is not one of {', '.join(ZO_QUANTIZERS)}")
+    _require(0.0 < zo.g_max < 1e30, "zo.g_max: must be > 0")
+    _require(zo.quantizer != "log" or 0.0 < zo.g_min < zo.g_max, "zo.g_min: must be in (0, zo.g_max)")
+    _require(zo.aggregation in ZO_AGGREGATIONS,
+             f"zo.aggregation: {zo.aggregation!r} is not one of {', '.join(ZO_AGGREGATIONS)}")
+    _require(0.0 <= zo.trim_fraction < 0.5, "zo.trim_fraction: must be in [0, 0.5)")
+    _require(zo.clip_factor > 0.0, "zo.clip_factor: must be > 0")
+    _require(1 <= zo.min_nodes <= 4096, "zo.min_nodes: must be in 1..4096")
+    _require(0.0 < zo.step_timeout_s <= 3600.0, "zo.step_timeout_s: must be in (0, 3600]")
+    _require(zo.hash_every >= 1, "zo.hash_every: must be >= 1")
+    _require(zo.snapshot_every >= 1, "zo.snapshot_every: must be >= 1")
+    _require(zo.base_hash == "" or _is_hex(zo.base_hash, 32), "zo.base_hash: 64 hex digits or empty")
 
 
 def spec_to_dict(spec: RunSpec, *, sort: bool = False) -> dict:
@@ -259,7 +307,12 @@ def verify_spec(spec: RunSpec) -> None:
 def _mode_defaults(mode: str) -> dict[str, Any]:
     if mode == "pipeline":
         return {}
-    return {"stages": 1, "path_length": 1, "swap": "none"}
+    single = {"stages": 1, "path_length": 1, "swap": "none"}
+    if mode == "zo":
+        # SPSA fine-tuning takes far smaller steps than backprop from scratch; the embedded arithmetic
+        # domain is the one the demo fine-tunes a prose-pretrained model on.
+        return {**single, "lr": 3e-3, "domains": ["arithmetic"], "params": ["tok_emb.weight"]}
+    return single
 
 
 def make_spec(

@@ -36,8 +36,11 @@ class Swarm(Protocol):
     @property
     def my_id(self) -> bytes: ...
 
-    async def peers(self, *, role: str | None = None, stage: int | None = None, live_only: bool = True) -> list[Peer]:
-        """Members of the run, optionally filtered; live means JOINING or ONLINE."""
+    async def peers(
+        self, *, role: str | None = None, stage: int | None = None, live_only: bool = True, fresh: bool = False
+    ) -> list[Peer]:
+        """Members of the run, optionally filtered; live means JOINING or ONLINE. ``fresh`` re-reads
+        the DHT instead of answering from the last membership view."""
         ...
 
     async def call(

@@ -1,0 +1,145 @@
+"""The commit log: every commit since the log's start, chained by hash, optionally kept in a file.
+
+A log starts at step 0 from GENESIS (replayable from the base weights) or at a snapshot's step
+from that snapshot's head hash. The file is a header (run id, start, prev) and then one
+length-prefixed commit per record; a record torn by a crash is cut off when the file is read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+
+from protocol import wire
+from protocol.errors import ProtocolError
+from protocol.zo import COMMIT_LIMITS, GENESIS, HASH_BYTES, Commit, CommitError, open_commit
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct("<I")
+_MAGIC = b"swarmtrain-zo-log/1\n"
+
+
+class LogFileError(ValueError):
+    """A log file that belongs to another run or cannot be read."""
+
+
+class CommitLog:
+    def __init__(self, run_id: bytes, start: int = 0, prev: bytes = GENESIS, path: Path | None = None,
+                 max_samples: int = 64):
+        self.run_id = run_id
+        self.start = start
+        self.base_prev = prev
+        self.max_samples = max_samples
+        self.commits: list[Commit] = []
+        self.path = path
+        if path is not None:
+            self._write_header()
+
+    # ---- state -------------------------------------------------------------------------------
+
+    @property
+    def head_step(self) -> int:
+        """The next step to be committed (= number of steps applied)."""
+        return self.start + len(self.commits)
+
+    @property
+    def head_hash(self) -> bytes:
+        return self.commits[-1].hash if self.commits else self.base_prev
+
+    def get(self, step: int) -> Commit | None:
+        i = step - self.start
+        return self.commits[i] if 0 <= i < len(self.commits) else None
+
+    def since(self, step: int, limit: int) -> list[bytes]:
+        """Raw commits from ``step`` on (at most ``limit``); empty if ``step`` is before our start."""
+        if step < self.start:
+            return []
+        i = step - self.start
+        return [c.raw for c in self.commits[i : i + limit]]
+
+    def hash_at(self, step: int) -> bytes | None:
+        """The chain hash after applying steps < ``step`` (what commit ``step`` must name as prev)."""
+        if step == self.start:
+            return self.base_prev
+        c = self.get(step - 1)
+        return c.hash if c is not None else None
+
+    # ---- growth ------------------------------------------------------------------------------
+
+    def open(self, raw: bytes) -> Commit:
+        """Verify ``raw`` as a commit of this run (signatures, fields); the chain is not checked."""
+        return open_commit(raw, self.run_id, self.max_samples)
+
+    def check_next(self, commit: Commit) -> None:
+        if commit.step != self.head_step:
+            raise CommitError(f"commit of step {commit.step}, the log is at step {self.head_step}")
+        if commit.prev != self.head_hash:
+            raise CommitError(f"commit of step {commit.step} does not chain to this log's head (a fork)")
+
+    def append(self, commit: Commit) -> None:
+        self.check_next(commit)
+        self.commits.append(commit)
+        if self.path is not None:
+            with open(self.path, "ab") as f:
+                f.write(_LEN.pack(len(commit.raw)) + commit.raw)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def restart_at(self, start: int, prev: bytes) -> None:
+        """Forget everything: the log continues from a snapshot at ``start`` whose head hash is ``prev``."""
+        self.start, self.base_prev, self.commits = start, prev, []
+        if self.path is not None:
+            self._write_header()
+
+    # ---- file --------------------------------------------------------------------------------
+
+    def _write_header(self) -> None:
+        assert self.path is not None
+        header = wire.pack({"run": self.run_id, "start": self.start, "prev": self.base_prev})
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_MAGIC + _LEN.pack(len(header)) + header)
+            for c in self.commits:
+                f.write(_LEN.pack(len(c.raw)) + c.raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: Path, run_id: bytes, max_samples: int = 64) -> "CommitLog":
+        """Read a log file, verifying every commit and the chain; a torn or bad tail is dropped."""
+        data = Path(path).read_bytes()
+        if not data.startswith(_MAGIC):
+            raise LogFileError(f"{path} is not a swarmtrain zo commit log")
+        pos = len(_MAGIC)
+        try:
+            (n,) = _LEN.unpack_from(data, pos)
+            header = wire.unpack(data[pos + 4 : pos + 4 + n], max_bytes=4096)
+            start = wire.require_int(header["start"], "start", 0)
+            prev = wire.require_bytes(header["prev"], "prev", length=HASH_BYTES)
+        except (ProtocolError, KeyError, TypeError, struct.error) as error:
+            raise LogFileError(f"{path}: unreadable header ({error})") from None
+        if header["run"] != run_id:
+            raise LogFileError(f"{path} is the log of another run")
+        log = cls(run_id, start, prev, None, max_samples)
+        pos += 4 + n
+        while pos < len(data):
+            if pos + 4 > len(data):
+                break
+            (n,) = _LEN.unpack_from(data, pos)
+            raw = data[pos + 4 : pos + 4 + n]
+            if len(raw) != n or n > COMMIT_LIMITS.max_bytes:
+                break
+            try:
+                log.append(log.open(raw))
+            except ProtocolError as error:
+                logger.warning("commit log %s: stopping at step %d: %s", path, log.head_step, error)
+                break
+            pos += 4 + n
+        if pos != len(data):
+            logger.warning("commit log %s: dropped a torn tail after step %d", path, log.head_step)
+        log.path = Path(path)
+        log._write_header()  # rewrite without the torn tail
+        return log

@@ -1,0 +1,639 @@
+"""A zo node over the swarm: probe, send bytes to the committer, apply its commits, stay identical.
+
+One loop per node. Each step t: compute this node's probes on the committed weights w_t, send
+the signed bytes to the committer, wait for commit t (pushed, or pulled after a timeout), apply
+it. The committer is the signer of the last commit while it is live; when it is not, every node
+picks the live node with the smallest id (deterministic failover). A new committer first adopts
+the longest valid log among live peers, so a commit the old one sent to only some nodes reaches
+the rest. Every ``hash_every`` steps nodes publish their weight hash; one that disagrees with the
+majority fetches a snapshot and publishes a ``resync`` event.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from protocol import wire
+from protocol.errors import ProtocolError
+from protocol.zo import GENESIS, HASH_BYTES, Commit, CommitError, Contribution, open_contribution, seal_commit, \
+    seal_contribution
+from trainer.swarm import Peer, Swarm, SwarmCallError
+from trainer.zo.aggregate import update_of
+from trainer.zo.log import CommitLog
+from trainer.zo.replica import Replica, ReplicaError
+from trainer.zo.seeds import probe_seed
+from trainer.zo.spsa import Batch, ZOSettings, evaluate, quantized_probe
+
+logger = logging.getLogger(__name__)
+
+ROLE = "zo"
+HASH_RECORD = "zo.hash"
+RECORD_NAMES = (HASH_RECORD,)
+LOG_PAGE = 256  # commits per zo.log reply
+HASH_HISTORY = 8
+MAX_PENDING_STEPS = 4  # steps ahead of ours whose contributions a committer buffers
+
+
+class ZOError(RuntimeError):
+    """The worker cannot go on (e.g. its base weights differ from the run's and no peer has a snapshot)."""
+
+
+@dataclass
+class ZOReport:
+    """What a worker measured; the node writes it out when it stops."""
+
+    steps_applied: int = 0
+    start_step: int = 0
+    joined_by: str = "start"  # start, replay, snapshot, resume
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, unix time, val loss)
+    hashes: list[tuple[int, str]] = field(default_factory=list)  # (step, weights hash hex) at every check
+    resyncs: int = 0
+    committed: int = 0  # steps this node committed as committer
+    late: int = 0  # own contributions a committer refused as late
+    seconds: float = 0.0
+
+
+class ZOWorker:
+    def __init__(
+        self,
+        swarm: Swarm,
+        key,
+        run_id: bytes,
+        settings: ZOSettings,
+        replica: Replica,
+        data: Iterator[Batch],
+        val: Sequence[Batch],
+        *,
+        base_hash: bytes,
+        state_dir: Path | None = None,
+        join: str = "auto",
+        eval_every: int = 10,
+        retry_s: float = 0.5,
+        bandwidth_bytes_s: float = 50e6,
+        tamper: Callable[[int], int] | None = None,
+        publish_event: Callable[[str, str], None] | None = None,
+    ):
+        """``tamper(q)`` replaces every byte this node sends: a test hook that plays a malicious node.
+        ``publish_event(event, detail)`` reports resyncs and committer changes to the node."""
+        if join not in ("auto", "replay", "snapshot"):
+            raise ValueError(f"join must be auto, replay or snapshot, not {join!r}")
+        self.swarm = swarm
+        self.key = key
+        self.me = swarm.my_id
+        self.run_id = run_id
+        self.settings = settings
+        self.replica = replica
+        self.data = data
+        self.val = list(val)
+        self.base_hash = base_hash
+        self.state_dir = state_dir
+        self.join_mode = join
+        self.eval_every = eval_every
+        self.retry_s = retry_s
+        self.bandwidth = bandwidth_bytes_s
+        self.tamper = tamper
+        self.publish_event = publish_event or (lambda event, detail: None)
+        self.report = ZOReport()
+        self.log = self._open_log()
+        self._lock = asyncio.Lock()  # the committed weights: applying a commit vs. taking a snapshot
+        self._inbox: dict[int, Commit] = {}
+        self._arrived = asyncio.Event()
+        self._pending: dict[int, dict[tuple[bytes, int], Contribution]] = {}
+        self._own: dict[int, list[bytes]] = {}
+        self._needs_sync = True  # a committer first adopts the longest log among live peers
+        self._resync_from: bytes | None = None
+        self._hash_task: asyncio.Task | None = None
+        self._my_hashes: dict[int, bytes] = {}
+        for method, handler in (("zo.contribute", self._on_contribute), ("zo.commit", self._on_commit),
+                                ("zo.log", self._on_log), ("zo.status", self._on_status),
+                                ("zo.snapshot", self._on_snapshot)):
+            swarm.serve(method, handler)
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def _open_log(self) -> CommitLog:
+        samples = self.settings.probes
+        if self.state_dir is None:
+            return CommitLog(self.run_id, max_samples=samples)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "commits.log"
+        snapshot = self._read_snapshot()
+        if path.exists():
+            log = CommitLog.load(path, self.run_id, samples)
+            start = snapshot[0] if snapshot is not None and log.start <= snapshot[0] <= log.head_step else None
+            if start is None and log.start == 0 and self.replica.weights_hash() == self.base_hash:
+                start = 0
+            if start is not None:
+                if snapshot is not None and start == snapshot[0]:
+                    self.replica.load_state(snapshot[2])
+                for step in range(start, log.head_step):
+                    self._apply_now(log.get(step))
+                logger.info("resumed from the local log at step %d (replayed from step %d)", log.head_step, start)
+                self.report.joined_by = "resume"
+                self.report.start_step = log.head_step
+                return log
+            logger.warning("the local log cannot be replayed on these weights; starting a new one")
+        return CommitLog(self.run_id, path=path, max_samples=samples)
+
+    def _read_snapshot(self) -> tuple[int, bytes, dict[str, torch.Tensor]] | None:
+        path = self.state_dir / "snapshot.pt" if self.state_dir else None
+        if path is None or not path.exists():
+            return None
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["run"] != self.run_id:
+                return None
+            return int(saved["step"]), bytes(saved["head"]), saved["weights"]
+        except Exception as error:  # noqa: BLE001 - a broken snapshot only costs a replay
+            logger.warning("ignoring the unreadable snapshot %s: %s", path, error)
+            return None
+
+    def _write_snapshot(self) -> None:
+        if self.state_dir is None:
+            return
+        path = self.state_dir / "snapshot.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"run": self.run_id, "step": self.log.head_step, "head": self.log.head_hash,
+                    "weights": self.replica.state()}, tmp)
+        tmp.replace(path)
+
+    # ---- applying commits --------------------------------------------------------------------
+
+    def _apply_now(self, commit: Commit) -> None:
+        entries = [(c.sender, c.sample, c.q) for c in commit.contributions]
+        seeds, coeffs = update_of(entries, self.run_id, commit.step, self.settings.lr, self.settings.quantizer,
+                                  self.settings.aggregation)
+        self.replica.apply(seeds, coeffs)
+
+    async def _apply(self, commit: Commit, then_report: bool = True) -> None:
+        """Check the commit continues our log, apply it, append it; raises CommitError otherwise."""
+        self.log.check_next(commit)
+        async with self._lock:
+            await asyncio.to_thread(self._apply_now, commit)
+            self.log.append(commit)
+        self.report.steps_applied += 1
+        self._own.pop(commit.step, None)
+        self._pending.pop(commit.step, None)
+        for step in [s for s in self._inbox if s <= commit.step]:
+            del self._inbox[step]
+        if then_report:
+            await self._after_apply()
+
+    async def _after_apply(self) -> None:
+        """Snapshots, evaluations and weight hashes that fall due at the new head step."""
+        step = self.log.head_step
+        if step % self.settings.snapshot_every == 0:
+            await asyncio.to_thread(self._write_snapshot)
+        if step % self.eval_every == 0 or step == self.settings.steps:
+            await self._evaluate()
+        if step % self.settings.hash_every == 0 or step == self.settings.steps:
+            await self._record_hash()
+
+    async def _evaluate(self) -> None:
+        if self.val:
+            loss = await asyncio.to_thread(evaluate, self.replica.model, self.val)
+            self.report.losses.append((self.log.head_step, time.time(), loss))
+
+    # ---- the committer -----------------------------------------------------------------------
+
+    def _last_committer(self) -> bytes | None:
+        last = self.log.get(self.log.head_step - 1)
+        return last.committer if last is not None else None
+
+    async def committer(self, fresh: bool = False) -> bytes:
+        """The signer of our last commit while it is live, else the live node with the smallest id."""
+        live = {p.id for p in await self._live_peers(fresh)} | {self.me}
+        last = self._last_committer()
+        if last is not None and last in live:
+            return last
+        return min(live)
+
+    async def _live_peers(self, fresh: bool = False) -> list[Peer]:
+        peers = await self.swarm.peers(role=ROLE, fresh=fresh)
+        return [p for p in peers if p.state in ("ONLINE", "JOINING")]
+
+    # ---- main loop ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> ZOReport:
+        started = time.time()
+        await self._wait_for_quorum(stop)
+        if not stop.is_set():
+            await self._join()
+        if not self.report.losses or self.report.losses[-1][0] != self.log.head_step:
+            await self._evaluate()
+        last_committer: bytes | None = None
+        while not stop.is_set() and self.log.head_step < self.settings.steps:
+            if self._resync_from is not None:
+                await self._resync(self._resync_from)
+                continue
+            step = self.log.head_step
+            committer = await self.committer()
+            if committer != last_committer:
+                if last_committer is not None:
+                    self.publish_event("leader", f"zo committer is now {committer.hex()[:16]} at step {step}")
+                logger.info("zo committer for step %d: %s%s", step, committer.hex()[:16],
+                            " (this node)" if committer == self.me else "")
+                last_committer = committer
+                self._needs_sync = True
+            try:
+                if committer == self.me:
+                    await self._lead(step, stop)
+                else:
+                    await self._follow(step, committer, stop)
+            except CommitError as error:  # our log forked from the committer's: take its weights
+                logger.warning("step %d: %s; resyncing from the committer", step, error)
+                if committer != self.me:
+                    self._resync_from = committer
+        await self._finish(stop)
+        self.report.seconds = time.time() - started
+        return self.report
+
+    async def _wait_for_quorum(self, stop: asyncio.Event) -> None:
+        """Before the first step, wait until ``min_nodes`` are live, so that all agree on the committer."""
+        if self.log.head_step > 0 or self.settings.min_nodes <= 1:
+            return
+        while not stop.is_set():
+            live = {p.id for p in await self._live_peers(fresh=True)} | {self.me}
+            if len(live) >= self.settings.min_nodes:
+                return
+            await _wait(stop, self.retry_s * 4)
+
+    async def _contributions(self, step: int) -> list[bytes]:
+        """This node's signed bytes for ``step`` (computed once, on the committed weights of ``step``)."""
+        if step not in self._own:
+            qs = await asyncio.to_thread(self._probe, step)
+            self._own[step] = [seal_contribution(self.key, self.run_id, step, j, q) for j, q in enumerate(qs)]
+        return self._own[step]
+
+    def _probe(self, step: int) -> list[int]:
+        qs = []
+        for sample in range(self.settings.probes):
+            seed = probe_seed(self.run_id, step, self.me, sample)
+            q = quantized_probe(self.replica, next(self.data), seed, self.settings)
+            qs.append(self.tamper(q) if self.tamper is not None else q)
+        return qs
+
+    async def _follow(self, step: int, committer: bytes, stop: asyncio.Event) -> None:
+        contribs = await self._contributions(step)
+        if step not in self._inbox:
+            try:
+                result, _ = await self.swarm.call(committer, "zo.contribute", {"contribs": contribs})
+                self.report.late += int(result.get("late", 0)) if isinstance(result.get("late"), int) else 0
+            except SwarmCallError as error:
+                logger.info("step %d: contribution to the committer failed: %s", step, error)
+                await self.swarm.peers(role=ROLE, fresh=True)
+                await _wait(stop, self.retry_s)
+                if not await self._pull_from(committer):
+                    await self._pull_from_any()
+                return
+        deadline = asyncio.get_running_loop().time() + self.settings.step_timeout_s + self.retry_s
+        while step not in self._inbox and not stop.is_set():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, self.retry_s * 4))
+            except TimeoutError:
+                if self.log.head_step != step:
+                    return
+        if step in self._inbox:
+            await self._apply(self._inbox[step])
+            return
+        if self.log.head_step == step and not await self._pull_from(committer):
+            await self.swarm.peers(role=ROLE, fresh=True)
+            await self._pull_from_any()
+
+    async def _lead(self, step: int, stop: asyncio.Event) -> None:
+        if self._needs_sync:
+            await self._adopt_longest_log()
+            self._needs_sync = False
+            if self.log.head_step != step:
+                return
+        pending = self._pending.setdefault(step, {})
+        for raw in await self._contributions(step):
+            c = open_contribution(raw, self.run_id)
+            pending[(c.sender, c.sample)] = c
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.step_timeout_s
+        while not stop.is_set():
+            live = {p.id for p in await self._live_peers()} | {self.me}
+            if live <= {sender for sender, _ in pending}:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                missing = live - {sender for sender, _ in pending}
+                logger.info("step %d closed without %d live node(s)", step, len(missing))
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, self.retry_s * 4))
+            except TimeoutError:
+                pass
+        if stop.is_set() or self.log.head_step != step:
+            return
+        chosen = [pending[k] for k in sorted(pending)]
+        commit = self.log.open(seal_commit(self.key, self.run_id, step, self.log.head_hash, chosen))
+        await self._apply(commit, then_report=False)
+        self.report.committed += 1
+        await self._push(commit)
+        await self._after_apply()
+
+    async def _push(self, commit: Commit) -> None:
+        peers = [p.id for p in await self._live_peers() if p.id != self.me]
+
+        async def push(peer: bytes) -> None:
+            try:
+                await self.swarm.call(peer, "zo.commit", {"commit": commit.raw})
+            except SwarmCallError as error:  # it will pull the commit when it notices
+                logger.debug("pushing commit %d to %s failed: %s", commit.step, peer.hex()[:12], error)
+
+        await asyncio.gather(*(push(p) for p in peers))
+
+    # ---- catching up -------------------------------------------------------------------------
+
+    async def _status_of(self, peer: bytes) -> dict | None:
+        try:
+            result, _ = await self.swarm.call(peer, "zo.status", {})
+        except SwarmCallError:
+            return None
+        try:
+            return {"step": wire.require_int(result.get("step"), "step", 0),
+                    "start": wire.require_int(result.get("start"), "start", 0),
+                    "head": wire.require_bytes(result.get("head"), "head", length=HASH_BYTES),
+                    "base": wire.require_bytes(result.get("base"), "base", length=HASH_BYTES)}
+        except ProtocolError as error:
+            logger.info("ignored a malformed zo.status from %s: %s", peer.hex()[:12], error)
+            return None
+
+    async def _statuses(self) -> dict[bytes, dict]:
+        peers = [p.id for p in await self._live_peers() if p.id != self.me]
+        found = await asyncio.gather(*(self._status_of(p) for p in peers))
+        return {p: s for p, s in zip(peers, found) if s is not None}
+
+    async def _adopt_longest_log(self) -> None:
+        """Fetch every commit some live peer has beyond ours (the last committer may have reached
+        only some nodes before it died)."""
+        statuses = await self._statuses()
+        ahead = sorted(((s["step"], p) for p, s in statuses.items() if s["step"] > self.log.head_step), reverse=True)
+        for _, peer in ahead:
+            if await self._pull_from(peer):
+                return
+
+    async def _join(self) -> None:
+        """Catch up with the swarm: replay commits from our weights or fetch a snapshot, by cost."""
+        statuses = await self._statuses()
+        if not statuses:
+            return
+        target, best = max((s["step"], p) for p, s in statuses.items())
+        if target <= self.log.head_step:
+            return
+        status = statuses[best]
+        replayable = status["start"] <= self.log.head_step and (self.log.head_step > 0 or self.base_hash == status["base"])
+        mode = self.join_mode
+        if mode == "auto":
+            mode = "replay" if replayable and self._replay_cost(target) <= self._snapshot_cost() else "snapshot"
+        if mode == "replay" and not replayable:
+            logger.warning("cannot replay (our base weights or log do not match the peers'); fetching a snapshot")
+            mode = "snapshot"
+        logger.info("joining at step %d of %d by %s", self.log.head_step, target, mode)
+        if mode == "replay":
+            await self._pull_from(best)
+            self.report.joined_by = "replay"
+        else:
+            await self._resync(best, reason="join")
+            self.report.joined_by = "snapshot"
+        self.report.start_step = self.log.head_step
+
+    def _replay_cost(self, target: int) -> float:
+        """Seconds to replay: each contribution is one pass over the trained weights (about 1 ns per
+        element per contribution on one core) plus about 200 bytes of log per contribution."""
+        contributions = (target - self.log.head_step) * max(1, self.settings.min_nodes) * self.settings.probes
+        return contributions * (self.replica.num_trained * 1e-9 + 200 / self.bandwidth)
+
+    def _snapshot_cost(self) -> float:
+        return sum(p.numel() * 4 for p in self.replica.params.values()) / self.bandwidth
+
+    async def _pull_from(self, peer: bytes) -> bool:
+        """Fetch and apply commits from ``peer`` until it has no more; True if any was applied. A
+        commit for our next step that does not chain to our head means our logs forked: we take
+        ``peer``'s weights next."""
+        applied = False
+        live = {p.id for p in await self._live_peers()}
+        while True:
+            try:
+                result, _ = await self.swarm.call(peer, "zo.log", {"from": self.log.head_step, "limit": LOG_PAGE})
+            except SwarmCallError as error:
+                logger.info("could not fetch commits from %s: %s", peer.hex()[:12], error)
+                return applied
+            raws = result.get("commits")
+            if not isinstance(raws, list) or not raws:
+                return applied
+            for raw in raws[:LOG_PAGE]:
+                try:
+                    commit = self.log.open(raw if isinstance(raw, bytes) else b"")
+                    self._check_pulled_signer(commit, live)
+                except ProtocolError as error:
+                    logger.warning("refused a commit from %s: %s", peer.hex()[:12], error)
+                    return applied
+                if commit.step != self.log.head_step:
+                    return applied
+                if commit.prev != self.log.head_hash:
+                    logger.warning("our log forked from %s's at step %d", peer.hex()[:12], commit.step)
+                    self._resync_from = peer
+                    return applied
+                await self._apply(commit)
+                applied = True
+
+    async def _pull_from_any(self) -> bool:
+        statuses = await self._statuses()
+        for _, peer in sorted(((s["step"], p) for p, s in statuses.items()), reverse=True):
+            if statuses[peer]["step"] > self.log.head_step and await self._pull_from(peer):
+                return True
+        return False
+
+    def _check_pulled_signer(self, commit: Commit, live: set[bytes]) -> None:
+        """A pulled commit is signed by the previous commit's signer, unless that signer has left
+        the live set (a failover); a bystander cannot slip in a commit of its own."""
+        last = self._last_committer()
+        if last is None or commit.committer == last:
+            return
+        if last in live:
+            raise CommitError(f"commit {commit.step} is signed by {commit.committer.hex()[:12]}, but the "
+                              f"committer {last.hex()[:12]} is still live")
+
+    async def _resync(self, peer: bytes, reason: str = "hash mismatch") -> None:
+        """Take ``peer``'s committed weights and log head."""
+        self._resync_from = None
+        try:
+            result, tensors = await self.swarm.call(peer, "zo.snapshot", {})
+            step = wire.require_int(result.get("step"), "step", 0)
+            head = wire.require_bytes(result.get("head"), "head", length=HASH_BYTES)
+            claimed = wire.require_bytes(result.get("hash"), "hash", length=HASH_BYTES)
+        except (SwarmCallError, ProtocolError) as error:
+            logger.warning("snapshot from %s failed: %s", peer.hex()[:12], error)
+            return
+        async with self._lock:
+            before = self.replica.state()
+            try:
+                self.replica.load_state(dict(tensors))
+            except ReplicaError as error:
+                logger.warning("snapshot from %s does not fit: %s", peer.hex()[:12], error)
+                return
+            if self.replica.weights_hash() != claimed:
+                self.replica.load_state(before)
+                logger.warning("snapshot from %s does not match the hash it claims; ignored", peer.hex()[:12])
+                return
+            self.log.restart_at(step, head)
+            self._inbox.clear()
+            self._own.clear()
+            await asyncio.to_thread(self._write_snapshot)
+        if reason != "join":
+            self.report.resyncs += 1
+            self.publish_event("resync", f"zo weights replaced by {peer.hex()[:16]}'s at step {step} ({reason})")
+        logger.info("weights taken from %s at step %d (%s)", peer.hex()[:12], step, reason)
+
+    # ---- weight hashes -----------------------------------------------------------------------
+
+    async def _record_hash(self) -> None:
+        step, digest = self.log.head_step, self.replica.weights_hash()
+        self._my_hashes[step] = digest
+        self.report.hashes.append((step, digest.hex()))
+        for old in sorted(self._my_hashes)[:-HASH_HISTORY]:
+            del self._my_hashes[old]
+        if self._hash_task is None or self._hash_task.done():
+            self._hash_task = asyncio.create_task(self._publish_and_check())
+
+    async def _publish_and_check(self) -> None:
+        body = {"hashes": [[s, h] for s, h in sorted(self._my_hashes.items())]}
+        try:
+            await self.swarm.publish(HASH_RECORD, body, ttl_s=max(60.0, 4 * self.settings.step_timeout_s))
+            records = await self.swarm.read(HASH_RECORD)
+        except (SwarmCallError, ValueError) as error:
+            logger.info("weight hash check skipped: %s", error)
+            return
+        mismatch = majority_mismatch(self.me, self._my_hashes, records)
+        if mismatch is not None:
+            step, peer = mismatch
+            logger.warning("weights at step %d differ from the majority's; resyncing from %s", step, peer.hex()[:12])
+            self._resync_from = peer
+
+    # ---- finishing ---------------------------------------------------------------------------
+
+    async def _finish(self, stop: asyncio.Event) -> None:
+        """Serve the last commits to peers still catching up, for at most a few step timeouts."""
+        if self._hash_task is not None:
+            await asyncio.gather(self._hash_task, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3 * self.settings.step_timeout_s
+        while not stop.is_set() and loop.time() < deadline:
+            statuses = await self._statuses()
+            if all(s["step"] >= self.log.head_step for s in statuses.values()):
+                return
+            await _wait(stop, self.retry_s * 2)
+
+    # ---- RPC handlers ------------------------------------------------------------------------
+
+    async def _on_contribute(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        raws = args.get("contribs")
+        if not isinstance(raws, list) or not 0 < len(raws) <= self.settings.probes:
+            raise ProtocolError(f"contribs must be a list of 1..{self.settings.probes} contributions")
+        if await self.committer() != self.me:
+            raise ProtocolError("this node is not the committer")
+        accepted = late = 0
+        for raw in raws:
+            c = open_contribution(raw, self.run_id)  # raises on a bad signature, field or kind
+            if c.sender != sender:
+                raise ProtocolError("a contribution must be sent by the node that signed it")
+            if c.sample >= self.settings.probes:
+                raise ProtocolError(f"sample {c.sample} is outside the run's {self.settings.probes} probes")
+            if c.step < self.log.head_step:
+                late += 1
+                continue
+            if c.step > self.log.head_step + MAX_PENDING_STEPS:
+                raise ProtocolError(f"contribution for step {c.step}; the committer is at step {self.log.head_step}")
+            pending = self._pending.setdefault(c.step, {})
+            if (c.sender, c.sample) in pending:
+                raise ProtocolError(f"duplicate contribution for step {c.step} sample {c.sample}")
+            pending[(c.sender, c.sample)] = c
+            accepted += 1
+        self._arrived.set()
+        return {"accepted": accepted, "late": late, "step": self.log.head_step}, {}
+
+    async def _on_commit(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        raw = args.get("commit")
+        commit = self.log.open(raw if isinstance(raw, bytes) else b"")
+        if commit.committer != sender:
+            raise ProtocolError("a commit must be pushed by the node that signed it")
+        expected = await self.committer()
+        if commit.committer != expected:
+            raise ProtocolError(f"commit from {sender.hex()[:12]}, but the committer is {expected.hex()[:12]}")
+        if commit.step < self.log.head_step:
+            ours = self.log.get(commit.step)
+            if ours is not None and ours.hash != commit.hash:
+                self._resync_from = expected  # the committer's log wins
+            return {"step": self.log.head_step}, {}
+        if commit.step > self.log.head_step + LOG_PAGE:
+            raise ProtocolError(f"commit of step {commit.step}; this node is at step {self.log.head_step}")
+        self._inbox[commit.step] = commit
+        self._arrived.set()
+        return {"step": self.log.head_step}, {}
+
+    async def _on_log(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        start = args.get("from")
+        limit = args.get("limit", LOG_PAGE)
+        if type(start) is not int or start < 0 or type(limit) is not int or not 0 < limit <= LOG_PAGE:
+            raise ProtocolError(f"zo.log takes from >= 0 and 1 <= limit <= {LOG_PAGE}")
+        return {"commits": self.log.since(start, limit), "step": self.log.head_step}, {}
+
+    async def _on_status(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        return {"step": self.log.head_step, "start": self.log.start, "head": self.log.head_hash,
+                "base": self.base_hash}, {}
+
+    async def _on_snapshot(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        async with self._lock:
+            state = self.replica.state()
+            info = {"step": self.log.head_step, "head": self.log.head_hash, "hash": self.replica.weights_hash()}
+        return info, state
+
+
+def majority_mismatch(me: bytes, mine: dict[int, bytes], records: dict[bytes, dict]) -> tuple[int, bytes] | None:
+    """(step, a peer holding the majority's weights) for the latest step at which our hash is in a
+    strict minority of the nodes reporting that step; None when we agree (or nobody else reported)."""
+    reports: dict[int, dict[bytes, bytes]] = {}
+    for node, body in records.items():
+        items = body.get("hashes") if isinstance(body, dict) else None
+        if node == me or not isinstance(items, list):
+            continue
+        for item in items[:HASH_HISTORY]:
+            if (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], bytes)
+                    and len(item[1]) == HASH_BYTES):
+                reports.setdefault(item[0], {})[node] = item[1]
+    for step in sorted(mine, reverse=True):
+        others = reports.get(step)
+        if not others:
+            continue
+        votes: dict[bytes, list[bytes]] = {}
+        for node, digest in others.items():
+            votes.setdefault(digest, []).append(node)
+        votes.setdefault(mine[step], []).append(me)
+        total = len(others) + 1
+        winner, holders = max(votes.items(), key=lambda item: (len(item[1]), item[0]))
+        if winner != mine[step] and 2 * len(holders) > total:
+            return step, min(holders)
+        return None
+    return None
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds`` or until ``stop``, whichever is first (a retry back-off, not a sync point)."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
