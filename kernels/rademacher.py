@@ -1,11 +1,17 @@
 """Rademacher perturbations z in {-1, +1} from Philox4x32-10 bits, addressed by global index.
 
-Mapping (also in docs/kernels.md); ``i`` is the global element index (0 <= i < 2^63):
+Every Philox output (128 bits) signs 128 elements. Elements come in groups of
+``GROUP = 16384`` consecutive global indices, seen as a 32 x 512 row-major tile; each of the
+tile's 128 column quads (4 adjacent columns) takes the 128 bits of one counter. So a GPU
+thread that owns one quad of every row loads 16-byte vectors that are coalesced across a
+warp, and computes one Philox per 128 elements. For global index ``i`` (0 <= i < 2^63):
 
 - key:     k0 = seed & 0xFFFFFFFF, k1 = seed >> 32          (seed is an unsigned 64-bit int)
-- counter: q = i // 4;  c0 = q & 0xFFFFFFFF, c1 = q >> 32, c2 = 0, c3 = 0
-- word:    r = philox4x32_10(counter, key)[i % 4]
-- sign:    z = +1 if (r & 1) == 1 else -1
+- place:   g = i >> 14 (group), r = (i >> 9) & 31 (row), t = (i >> 2) & 127 (quad), e = i & 3
+- counter: q = 128 * g + t;  c0 = q & 0xFFFFFFFF, c1 = q >> 32, c2 = 0, c3 = 0
+- word:    x = philox4x32_10(counter, key)[r >> 3]
+- bit:     b = 4 * (r & 7) + e
+- sign:    z = +1 if (x >> b) & 1 == 1 else -1
 
 Global indices come from ``flat_layout``: parameters sorted by name, laid end to end.
 """
@@ -22,6 +28,18 @@ from kernels.philox import philox4x32
 
 SEED_MAX = 2**64 - 1
 
+GROUP_SHIFT = 14
+GROUP = 1 << GROUP_SHIFT  # elements per group (32 rows x 512 columns)
+COLS = 512
+QUADS = COLS // 4  # Philox counters per group
+WORD_ROWS = 8  # rows signed by each 32-bit word
+
+# Bit of the counter's word for (row within the word's 8 rows, element within the quad),
+# shaped to broadcast against [group, word, 1, quad, 1].
+_BIT_SHIFTS = (4 * np.arange(WORD_ROWS, dtype=np.uint32)[:, None] + np.arange(4, dtype=np.uint32)).reshape(
+    1, 1, WORD_ROWS, 1, 4
+)
+
 
 class SeedError(ValueError):
     """A seed outside the unsigned 64-bit range."""
@@ -35,22 +53,32 @@ def seed_to_key(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-def sign_bits(seed: int, offset: int, n: int) -> np.ndarray:
-    """Bool array b with z[i] = +1 where b is True, for global indices [offset, offset + n)."""
+def group_bits(seed: int, first_group: int, n_groups: int) -> np.ndarray:
+    """uint32 array of 0/1 sign bits of groups [first_group, first_group + n_groups), in index order."""
+    k0, k1 = seed_to_key(seed)
+    q = np.arange(first_group * QUADS, (first_group + n_groups) * QUADS, dtype=np.uint64)
+    words = philox4x32(q & np.uint64(0xFFFFFFFF), q >> np.uint64(32), 0, 0, k0, k1)
+    # [group, word, 1, quad, 1] >> [1, 1, row in word, 1, element in quad]
+    table = np.stack(words, axis=0).reshape(4, n_groups, 1, QUADS, 1).swapaxes(0, 1)
+    return ((table >> _BIT_SHIFTS) & np.uint32(1)).reshape(n_groups * GROUP)
+
+
+def sign_bits_u32(seed: int, offset: int, n: int) -> np.ndarray:
+    """uint32 0/1 array with z[i] = +1 where it is 1, for global indices [offset, offset + n)."""
     if offset < 0 or n < 0:
         raise ValueError(f"offset and n must be non-negative, got {offset}, {n}")
-    k0, k1 = seed_to_key(seed)
     if n == 0:
-        return np.zeros(0, dtype=bool)
-    idx = np.arange(offset, offset + n, dtype=np.uint64)
-    q = idx >> np.uint64(2)
-    # One Philox call per distinct counter; the last group of 4 may be partial.
-    q_first = int(q[0])
-    q_uniq = np.arange(q_first, int(q[-1]) + 1, dtype=np.uint64)
-    words = philox4x32(q_uniq & np.uint64(0xFFFFFFFF), q_uniq >> np.uint64(32), 0, 0, k0, k1)
-    table = np.stack(words, axis=1)  # [n_counters, 4]
-    picked = table[(q - np.uint64(q_first)).astype(np.int64), (idx & np.uint64(3)).astype(np.int64)]
-    return (picked & np.uint32(1)).astype(bool)
+        seed_to_key(seed)
+        return np.zeros(0, dtype=np.uint32)
+    first = offset >> GROUP_SHIFT
+    last = (offset + n - 1) >> GROUP_SHIFT
+    start = offset - (first << GROUP_SHIFT)
+    return group_bits(seed, first, last - first + 1)[start : start + n]
+
+
+def sign_bits(seed: int, offset: int, n: int) -> np.ndarray:
+    """Bool array b with z[i] = +1 where b is True, for global indices [offset, offset + n)."""
+    return sign_bits_u32(seed, offset, n).astype(bool)
 
 
 def rademacher(seed: int, offset: int, n: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ For each element w[i] (global index offset + i), in this order:
     if next_seed:     w = fp32(w + (eps if z_next[i] > 0 else -eps))
 
 Every step is one correctly rounded fp32 add of +-c (negation is exact), so there is no
-multiply and no fused multiply-add that could round differently on another device.
+multiply and no fused multiply-add that could round differently on another device. Both
+backends build +-c by bits: the sign bit of -c flipped where z = +1.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kernels.rademacher import seed_to_key, sign_bits
+from kernels.rademacher import GROUP, seed_to_key, sign_bits_u32
 
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 4 * GROUP
 
 
 def check_update_args(w: torch.Tensor, offset: int, seeds: Sequence[int], coeffs: Sequence[float]) -> None:
@@ -45,17 +46,23 @@ def apply_update_reference(
     check_update_args(w, offset, seeds, coeffs)
     if w.device.type != "cpu":
         raise ValueError("the reference runs on CPU tensors only")
-    plan = [(int(s), np.float32(c)) for s, c in zip(seeds, coeffs)]
+    # Bit pattern of -c per contribution; z = +1 flips its sign bit (giving c).
+    plan = [(int(s), _neg_bits(c)) for s, c in zip(seeds, coeffs)]
     if next_seed is not None:
-        plan.append((int(next_seed), np.float32(eps)))
+        plan.append((int(next_seed), _neg_bits(eps)))
     buf = w.numpy()  # shares memory with w
     n = buf.shape[0]
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
+    # Chunk boundaries at global multiples of ``chunk``, so aligned chunks cover whole Philox groups.
+    starts = [0, *range(chunk - offset % chunk, n, chunk)]
+    for start, stop in zip(starts, [*starts[1:], n]):
         block = buf[start:stop]  # loaded once, updated by every contribution, stored once
         acc = block.copy()
-        for seed, c in plan:
-            bits = sign_bits(seed, offset + start, stop - start)
-            acc = acc + np.where(bits, c, -c)  # float32 + float32: one rounding
+        for seed, neg_c in plan:
+            bits = sign_bits_u32(seed, offset + start, stop - start)
+            acc += ((bits << np.uint32(31)) ^ neg_c).view(np.float32)  # float32 + float32: one rounding
         block[:] = acc
     return w
+
+
+def _neg_bits(c: float) -> np.uint32:
+    return np.float32(-np.float32(c)).view(np.uint32)
