@@ -505,6 +505,7 @@ class ZOWorker:
         step, digest = self.log.head_step, self.replica.weights_hash()
         self._my_hashes[step] = digest
         self.report.hashes.append((step, digest.hex()))
+        logger.info("zo step %d weights %s", step, digest.hex()[:16])
         for old in sorted(self._my_hashes)[:-HASH_HISTORY]:
             del self._my_hashes[old]
         if self._hash_task is None or self._hash_task.done():
