@@ -15,6 +15,7 @@ from node import __version__
 from node.config import ConfigError, load_node_config
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.logs import setup_logging
+from node.schedule_cli import add_schedule_parser, cmd_schedule
 
 logger = logging.getLogger("swarmtrain")
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_flags(status, listens=False)
     status.add_argument("--run", default=None, help="only this run (spec path)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    add_schedule_parser(commands)
 
     demo = commands.add_parser("demo", help="train the tiny model on the embedded data and show the loss falling")
     demo.add_argument("--mode", choices=("single", "zo"), default="single",
@@ -456,6 +459,7 @@ COMMANDS = {
     "node": cmd_node,
     "status": cmd_status,
     "demo": cmd_demo,
+    "schedule": cmd_schedule,
 }
 
 

@@ -124,3 +124,16 @@ def test_deterministic():
     paths = tuple(MicrobatchPath(i, i % 2, ((1, 2), (2, 3))) for i in range(4))
     sched = Schedule({0: 0, 1: 0, 2: 1, 3: 2}, paths)
     assert simulate(s, sched) == simulate(s, sched)
+
+
+def test_reordered_path_with_slow_data_node():
+    # Data node 0 (A) runs at half speed (forward 2, loss 1, backward 4); stage-1 node 1 (B) at
+    # 1; stage-2 node 2 (A) at 2 (forward 0.5, backward 1). The path swaps the stages: 0 -> 2 -> 1.
+    # F@0 [0,2] -1-> F@2 [3,3.5] -2-> F@1 [5.5,6.5] -2-> loss@0 [8.5,9.5] -2-> B@1 [11.5,13.5]
+    # -2-> B@2 [15.5,16.5] -1-> B@0 [17.5,21.5]
+    s = tiny(["A", "B", "A"], [1, 1, 1], speeds=[0.5, 1.0, 2.0])
+    sched = Schedule({0: 0, 1: 1, 2: 2}, (MicrobatchPath(0, 0, ((2, 2), (1, 1))),))
+    validate_schedule(s, sched)
+    r = simulate(s, sched)
+    assert r.iteration_time == pytest.approx(21.5)
+    assert [(e.start, e.end, e.kind) for e in r.timelines[2]] == [(3.0, 3.5, "forward"), (15.5, 16.5, "backward")]
