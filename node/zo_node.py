@@ -18,7 +18,7 @@ from trainer.model import LM, ModelConfig
 from trainer.zo.quantize import LEVELS, SIGN
 from trainer.zo.replica import Replica
 from trainer.zo.spsa import Batch, ZOSettings
-from trainer.zo.worker import RECORD_NAMES, ZOReport, ZOWorker
+from trainer.zo.worker import RECORD_NAMES, STEP_METRIC, ZOReport, ZOWorker
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
     async def track_step() -> None:
         while not stop.is_set():
             node.step = worker.log.head_step
-            node.metrics["zo_step"] = float(worker.log.head_step)
+            node.metrics[STEP_METRIC] = float(worker.log.head_step)
             if worker.report.losses:
                 node.metrics["val_loss"] = worker.report.losses[-1][2]
             try:

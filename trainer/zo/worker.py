@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 ROLE = "zo"
 HASH_RECORD = "zo.hash"
 RECORD_NAMES = (HASH_RECORD,)
-LOG_PAGE = 256  # commits per zo.log reply
+LOG_PAGE = 256  # commits per zo.log reply, at most
+LOG_PAGE_BYTES = 4 << 20
 HASH_HISTORY = 8
+STEP_METRIC = "zo_step"  # heartbeat metric: the node's head step
 MAX_PENDING_STEPS = 4  # steps ahead of ours whose contributions a committer buffers
 
 
@@ -311,6 +313,10 @@ class ZOWorker:
             await self._pull_from_any()
 
     async def _lead(self, step: int, stop: asyncio.Event) -> None:
+        # A node whose view was partial (just restarted, say) must not commit a fork of its own:
+        # peers' heartbeats say how far they are.
+        if any(p.metrics.get(STEP_METRIC, 0.0) > step for p in await self._live_peers()):
+            self._needs_sync = True
         if self._needs_sync:
             await self._adopt_longest_log()
             self._needs_sync = False
@@ -322,14 +328,20 @@ class ZOWorker:
             pending[(c.sender, c.sample)] = c
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.step_timeout_s
+        required = self._quorum(step)
         while not stop.is_set():
-            live = {p.id for p in await self._live_peers()} | {self.me}
-            if live <= {sender for sender, _ in pending}:
+            live = self._awaited({p.id for p in await self._live_peers()} | {self.me})
+            senders = {sender for sender, _ in pending}
+            if live <= senders and len(senders) >= required:
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
-                missing = live - {sender for sender, _ in pending}
-                logger.info("step %d closed without %d live node(s)", step, len(missing))
+                if len(senders) < required:
+                    logger.warning("step %d: contributions from %d node(s), a commit needs %d; not committing",
+                                   step, len(senders), required)
+                    self._needs_sync = True  # perhaps the others follow another committer: look again
+                    return
+                logger.info("step %d closed without %d live node(s)", step, len(live - senders))
                 break
             self._arrived.clear()
             try:
@@ -345,12 +357,33 @@ class ZOWorker:
         await self._push(commit)
         await self._after_apply()
 
+    def _quorum(self, step: int) -> int:
+        """Contributors a commit needs: a majority of the previous commit's (``min_nodes`` for the
+        first). A committer with a partial view of the swarm then cannot run ahead alone on a fork;
+        nodes dying one at a time still leave a majority of the last set."""
+        prev = self.log.get(step - 1)
+        if prev is None:
+            return self.settings.min_nodes if step == 0 else 1
+        n = len({c.sender for c in prev.contributions})
+        return n // 2 + 1 if n >= 3 else 1
+
+    def _awaited(self, live: set[bytes]) -> set[bytes]:
+        """The nodes a step waits for: live ones that contributed to one of the last two commits (all
+        live ones before the first). A node catching up, or one that stopped answering, is not waited
+        for; its bytes are still taken when they arrive in time."""
+        recent = [self.log.get(self.log.head_step - i) for i in (1, 2)]
+        if recent[0] is None:
+            return live
+        active = {c.sender for commit in recent if commit is not None for c in commit.contributions}
+        return (live & active) | {self.me}
+
     async def _push(self, commit: Commit) -> None:
         peers = [p.id for p in await self._live_peers() if p.id != self.me]
 
         async def push(peer: bytes) -> None:
             try:
-                await self.swarm.call(peer, "zo.commit", {"commit": commit.raw})
+                lengths, blobs = pack_blobs([commit.raw])
+                await self.swarm.call(peer, "zo.commit", {"lengths": lengths}, blobs)
             except SwarmCallError as error:  # it will pull the commit when it notices
                 logger.debug("pushing commit %d to %s failed: %s", commit.step, peer.hex()[:12], error)
 
@@ -372,8 +405,8 @@ class ZOWorker:
             logger.info("ignored a malformed zo.status from %s: %s", peer.hex()[:12], error)
             return None
 
-    async def _statuses(self) -> dict[bytes, dict]:
-        peers = [p.id for p in await self._live_peers() if p.id != self.me]
+    async def _statuses(self, fresh: bool = False) -> dict[bytes, dict]:
+        peers = [p.id for p in await self._live_peers(fresh) if p.id != self.me]
         found = await asyncio.gather(*(self._status_of(p) for p in peers))
         return {p: s for p, s in zip(peers, found) if s is not None}
 
@@ -388,7 +421,12 @@ class ZOWorker:
 
     async def _join(self) -> None:
         """Catch up with the swarm: replay commits from our weights or fetch a snapshot, by cost."""
-        statuses = await self._statuses()
+        statuses = await self._statuses(fresh=True)
+        for _ in range(3):  # peers we see but that do not answer yet: ask again before going alone
+            if statuses or not [p for p in await self._live_peers() if p.id != self.me]:
+                break
+            await asyncio.sleep(self.retry_s)
+            statuses = await self._statuses(fresh=True)
         if not statuses:
             return
         target, best = max((s["step"], p) for p, s in statuses.items())
@@ -428,16 +466,19 @@ class ZOWorker:
         live = {p.id for p in await self._live_peers()}
         while True:
             try:
-                result, _ = await self.swarm.call(peer, "zo.log", {"from": self.log.head_step, "limit": LOG_PAGE})
+                result, tensors = await self.swarm.call(peer, "zo.log", {"from": self.log.head_step, "limit": LOG_PAGE})
+                raws = unpack_blobs(result.get("lengths"), tensors, LOG_PAGE)
             except SwarmCallError as error:
                 logger.info("could not fetch commits from %s: %s", peer.hex()[:12], error)
                 return applied
-            raws = result.get("commits")
-            if not isinstance(raws, list) or not raws:
+            except ProtocolError as error:
+                logger.warning("ignored a malformed commit list from %s: %s", peer.hex()[:12], error)
                 return applied
-            for raw in raws[:LOG_PAGE]:
+            if not raws:
+                return applied
+            for raw in raws:
                 try:
-                    commit = self.log.open(raw if isinstance(raw, bytes) else b"")
+                    commit = self.log.open(raw)
                     self._check_pulled_signer(commit, live)
                 except ProtocolError as error:
                     logger.warning("refused a commit from %s: %s", peer.hex()[:12], error)
@@ -568,8 +609,10 @@ class ZOWorker:
         return {"accepted": accepted, "late": late, "step": self.log.head_step}, {}
 
     async def _on_commit(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
-        raw = args.get("commit")
-        commit = self.log.open(raw if isinstance(raw, bytes) else b"")
+        raws = unpack_blobs(args.get("lengths"), tensors, 1)
+        if len(raws) != 1:
+            raise ProtocolError("zo.commit carries exactly one commit")
+        commit = self.log.open(raws[0])
         if commit.committer != sender:
             raise ProtocolError("a commit must be pushed by the node that signed it")
         expected = await self.committer()
@@ -591,7 +634,14 @@ class ZOWorker:
         limit = args.get("limit", LOG_PAGE)
         if type(start) is not int or start < 0 or type(limit) is not int or not 0 < limit <= LOG_PAGE:
             raise ProtocolError(f"zo.log takes from >= 0 and 1 <= limit <= {LOG_PAGE}")
-        return {"commits": self.log.since(start, limit), "step": self.log.head_step}, {}
+        raws, size = [], 0
+        for raw in self.log.since(start, limit):
+            if raws and size + len(raw) > LOG_PAGE_BYTES:
+                break
+            raws.append(raw)
+            size += len(raw)
+        lengths, blobs = pack_blobs(raws)
+        return {"lengths": lengths, "step": self.log.head_step}, blobs
 
     async def _on_status(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         return {"step": self.log.head_step, "start": self.log.start, "head": self.log.head_hash,
@@ -630,6 +680,28 @@ def majority_mismatch(me: bytes, mine: dict[int, bytes], records: dict[bytes, di
             return step, min(holders)
         return None
     return None
+
+
+def pack_blobs(blobs: Sequence[bytes]) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Commits travel as one uint8 tensor (bulk bytes, outside the RPC's 64 KiB header) plus lengths."""
+    data = b"".join(blobs)
+    return [len(b) for b in blobs], {"blobs": torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                                     if data else torch.zeros(0, dtype=torch.uint8)}
+
+
+def unpack_blobs(lengths: object, tensors: dict, limit: int) -> list[bytes]:
+    """Inverse of pack_blobs; raises ProtocolError on anything malformed."""
+    blob = tensors.get("blobs")
+    if (not isinstance(lengths, list) or len(lengths) > limit or any(type(n) is not int or n < 0 for n in lengths)
+            or not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1
+            or sum(lengths) != blob.numel()):
+        raise ProtocolError("malformed commit list: lengths must add up to a 1-D uint8 tensor 'blobs'")
+    data = blob.numpy().tobytes()
+    out, pos = [], 0
+    for n in lengths:
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
