@@ -586,6 +586,9 @@ class ZOWorker:
         raws = args.get("contribs")
         if not isinstance(raws, list) or not 0 < len(raws) <= self.settings.probes:
             raise ProtocolError(f"contribs must be a list of 1..{self.settings.probes} contributions")
+        live = {p.id for p in await self._live_peers()}
+        if sender not in live:
+            raise ProtocolError("only live zo members of the run may contribute")
         if await self.committer() != self.me:
             raise ProtocolError("this node is not the committer")
         accepted = late = 0
