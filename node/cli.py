@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zo mode: catch up by replaying the commit log, by a weight snapshot, or the cheaper one")
     node.add_argument("--zo-report", default=None, metavar="FILE",
                       help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
-    node.add_argument("--zo-fault", choices=("max-scalar",), default=None, help=argparse.SUPPRESS)  # tests only
+    node.add_argument("--zo-fault", default=None, help=argparse.SUPPRESS)  # tests only: see node.zo_node.parse_fault
 
     status = commands.add_parser("status", help="show the swarm's runs and nodes", epilog=SETTINGS_EPILOG)
     _add_swarm_flags(status, listens=False)

@@ -23,7 +23,7 @@ from trainer.zo.worker import RECORD_NAMES, STEP_METRIC, ZOReport, ZOWorker
 logger = logging.getLogger(__name__)
 
 VAL_BATCHES_PER_DOMAIN = 2
-FAULTS = ("max-scalar",)
+FAULTS = ("max-scalar", "corrupt-at-STEP")
 
 
 class BaseWeightsError(ValueError):
@@ -67,14 +67,17 @@ def node_data(spec: RunSpec, node_id: bytes) -> tuple[iter, list[Batch]]:
     return batches(torch.cat(train), spec.train.batch_size, spec.model.seq_len, seed=data_seed), val
 
 
-def fault_hook(name: str | None, seed: int):
-    """Testing only: ``max-scalar`` replaces every byte with the largest magnitude, random sign."""
+def parse_fault(name: str | None, seed: int) -> dict:
+    """Testing only. ``max-scalar``: every byte sent is the largest magnitude with a random sign.
+    ``corrupt-at-STEP``: one committed weight changes silently at STEP."""
     if not name:
-        return None
-    if name not in FAULTS:
-        raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
-    rng = random.Random(seed)
-    return lambda q: (SIGN if rng.random() < 0.5 else 0) | LEVELS
+        return {}
+    if name == "max-scalar":
+        rng = random.Random(seed)
+        return {"tamper": lambda q: (SIGN if rng.random() < 0.5 else 0) | LEVELS}
+    if name.startswith("corrupt-at-") and name[len("corrupt-at-"):].isdigit():
+        return {"corrupt_at": int(name[len("corrupt-at-"):])}
+    raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
 
 
 async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "", join: str = "auto",
@@ -94,8 +97,7 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
     worker = ZOWorker(HivemindSwarm(node), node.key, node.run_id, settings, replica, data, val,
                       base_hash=base_hash, state_dir=Path(node.config.data_dir) / "zo" / node.run_id.hex(),
                       join=join, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
-                      tamper=fault_hook(fault, int.from_bytes(node.public_key[:8], "little")),
-                      publish_event=publish_event)
+                      publish_event=publish_event, **parse_fault(fault, int.from_bytes(node.public_key[:8], "little")))
 
     async def track_step() -> None:
         while not stop.is_set():

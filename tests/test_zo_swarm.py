@@ -57,7 +57,8 @@ def test_zo_swarm_join_kill_worker_kill_committer_restart(tmp_path, base):
         nodes = {f"n{i}": start(f"n{i}") for i in range(NODES)}
         wait_until(lambda: min(progress(p) for p in nodes.values()) >= 20, 180, what="20 steps on every node")
 
-        nodes["joiner"] = start("joiner")  # a fifth node, mid-run
+        # a fifth node joins mid-run; it has a fault: one of its weights changes silently at step 60
+        nodes["joiner"] = start("joiner", "--zo-fault", "corrupt-at-60")
         wait_until(lambda: progress(nodes["joiner"]) >= progress(nodes["n0"]) - 5 > 0, 120, what="the joiner to catch up")
 
         committer = next(name for name, p in nodes.items() if is_committer(p))
@@ -83,6 +84,7 @@ def test_zo_swarm_join_kill_worker_kill_committer_restart(tmp_path, base):
         wait_until(lambda: all(p.popen.poll() is not None for p in procs.values()), 300,
                    what="every live node to finish")
         reports = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in survivors}
+        joiner_log = nodes["joiner"].output()
     finally:
         leftover = cluster.close()
     assert not leftover, f"p2pd processes outlived their nodes: {leftover}"
@@ -93,11 +95,17 @@ def test_zo_swarm_join_kill_worker_kill_committer_restart(tmp_path, base):
     assert len({r["head"] for r in reports.values()}) == 1
     # ... and agreed at every check each of them made
     by_step: dict[int, set[str]] = {}
-    for r in reports.values():
+    for name, r in reports.items():
         for step, digest in r["hashes"]:
-            by_step.setdefault(step, set()).add(digest)
+            if name != "joiner":
+                by_step.setdefault(step, set()).add(digest)
     assert by_step and all(len(d) == 1 for d in by_step.values()), {s: d for s, d in by_step.items() if len(d) > 1}
-    assert sum(r["resyncs"] for r in reports.values()) == 0
+    # the corrupted joiner noticed it was in the minority, took the majority's weights and said so
+    assert reports["joiner"]["resyncs"] >= 1
+    assert sum(r["resyncs"] for n, r in reports.items() if n != "joiner") == 0
+    assert "event: resync" in joiner_log
+    joiner_hashes = dict(reports["joiner"]["hashes"])
+    assert any(joiner_hashes[s] not in by_step.get(s, {joiner_hashes[s]}) for s in joiner_hashes if s >= 60)
     # the loss fell (margin: 0.3 nats; runs reach about 1)
     first = reports[survivors[0]]
     assert first["losses"][-1][2] < first["losses"][0][2] - 0.3, first["losses"]

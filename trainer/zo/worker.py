@@ -79,9 +79,11 @@ class ZOWorker:
         retry_s: float = 0.5,
         bandwidth_bytes_s: float = 50e6,
         tamper: Callable[[int], int] | None = None,
+        corrupt_at: int | None = None,
         publish_event: Callable[[str, str], None] | None = None,
     ):
-        """``tamper(q)`` replaces every byte this node sends: a test hook that plays a malicious node.
+        """Fault hooks for tests: ``tamper(q)`` replaces every byte this node sends (a malicious node);
+        ``corrupt_at`` silently changes one committed weight at that step (a bad memory or GPU).
         ``publish_event(event, detail)`` reports resyncs and committer changes to the node."""
         if join not in ("auto", "replay", "snapshot"):
             raise ValueError(f"join must be auto, replay or snapshot, not {join!r}")
@@ -100,6 +102,7 @@ class ZOWorker:
         self.retry_s = retry_s
         self.bandwidth = bandwidth_bytes_s
         self.tamper = tamper
+        self.corrupt_at = corrupt_at
         self.publish_event = publish_event or (lambda event, detail: None)
         self.report = ZOReport()
         self.log = self._open_log()
@@ -190,6 +193,11 @@ class ZOWorker:
     async def _after_apply(self) -> None:
         """Snapshots, evaluations and weight hashes that fall due at the new head step."""
         step = self.log.head_step
+        if step == self.corrupt_at:
+            logger.warning("fault injection: changing one committed weight at step %d", step)
+            async with self._lock:
+                self.replica.master[0] += 1e-3
+                self.replica.restore()
         if step % self.settings.snapshot_every == 0:
             await asyncio.to_thread(self._write_snapshot)
         if step % self.eval_every == 0 or step == self.settings.steps:
