@@ -330,6 +330,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     # Judge the role request before the swarm starts, not after a minute of DHT bootstrap.
     choose_role(spec.run.mode, spec.pipeline.stages, {}, config.role, config.stage)
+    zo = spec.run.mode == "zo"
+    if zo:
+        from node.zo_node import RECORD_NAMES, build_replica
+
+        build_replica(spec, config.base_weights)  # a bad --base-weights fails here, before the swarm starts
     data_dir = _ensure_data_dir(config.data_dir)
     key = load_or_create_identity(data_dir)
     node_id = public_key_bytes(key).hex()
@@ -338,11 +343,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     if spec.run.access == "private" and token is None and node_id != spec.owner.public_key:
         raise CliError(f"run {spec.run.name!r} is private: ask its owner for a join token for node {node_id} "
                        f"(swarmtrain token issue --run RUN --key OWNER_KEY --node {node_id}) and pass it with --token")
-    zo = spec.run.mode == "zo"
-    if zo:
-        from node.zo_node import RECORD_NAMES, build_replica
-
-        build_replica(spec, config.base_weights)  # a bad --base-weights fails here, before the swarm starts
     node = Node(config, spec, key, token, app_record_names=RECORD_NAMES if zo else ())
     maddrs = node.start()
     try:

@@ -40,8 +40,11 @@ def build_replica(spec: RunSpec, base_weights: str = "") -> tuple[Replica, bytes
             state = torch.load(path, weights_only=True, map_location="cpu")
         except FileNotFoundError:
             raise BaseWeightsError(f"base weights file {path} does not exist") from None
+        except IsADirectoryError:
+            raise BaseWeightsError(f"base weights {path} is a directory; pass the file written by torch.save") from None
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise BaseWeightsError(f"cannot read base weights {path}: {error}") from None
+            raise BaseWeightsError(f"cannot read base weights {path}: not a torch.save file of tensors only "
+                                   f"({type(error).__name__}); write it with torch.save(model.state_dict(), path)") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BaseWeightsError(f"{path} is not a state dict of tensors")
         try:
