@@ -90,8 +90,9 @@ def write_spec(workdir: Path, base: Path, nodes: int, steps: int, **zo: object) 
 
 
 def run_local_swarm(workdir: Path, spec: Path, base: Path, nodes: int, timeout_s: float,
-                    progress=None) -> list[dict]:
-    """Start a bootstrap and ``nodes`` node processes; wait for their reports; always clean up."""
+                    progress=None, extra_args: dict[int, list[str]] | None = None) -> list[dict]:
+    """Start a bootstrap and ``nodes`` node processes (node i gets ``extra_args[i]`` too); wait for
+    their reports; always clean up."""
     procs: list[_Proc] = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
@@ -102,7 +103,7 @@ def run_local_swarm(workdir: Path, spec: Path, base: Path, nodes: int, timeout_s
             procs.append(_start(workdir, f"node{i}", [
                 "node", "--run", str(spec), "--data-dir", str(workdir / f"node{i}"), "--initial-peers", peer,
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--base-weights", str(base), "--device", "cpu",
-                "--zo-report", str(reports[i]), "--public-name", f"zo-{i}"]))
+                "--zo-report", str(reports[i]), "--public-name", f"zo-{i}", *(extra_args or {}).get(i, [])]))
         deadline = time.monotonic() + timeout_s
         last_progress = time.monotonic()
         while time.monotonic() < deadline:
