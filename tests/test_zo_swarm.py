@@ -15,7 +15,7 @@ from protocol.runspec import load_spec, run_id
 from tests.harness import Cluster, alive, wait_until
 from trainer.zo.log import CommitLog
 
-STEPS = 200
+STEPS = 300
 NODES = 4
 STEP_LINE = re.compile(r"zo step (\d+) weights ([0-9a-f]{16})")
 COMMITTER_LINE = re.compile(r"zo committer for step (\d+): ([0-9a-f]{16}) \(this node\)")
@@ -42,7 +42,8 @@ def base(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_zo_swarm_join_kill_worker_kill_committer_restart(tmp_path, base):
-    spec_path = write_spec(tmp_path, base, NODES, STEPS)
+    # batches of 16 sequences: slow enough that the swarm is still running when the last fault comes
+    spec_path = write_spec(tmp_path, base, NODES, STEPS, batch_size=16)
     rid = run_id(load_spec(spec_path))
     cluster = Cluster(tmp_path)
     try:
@@ -65,13 +66,14 @@ def test_zo_swarm_join_kill_worker_kill_committer_restart(tmp_path, base):
         worker = next(name for name in nodes if name not in (committer, "joiner"))
         at = progress(nodes[worker])
         os.kill(nodes[worker].pid, signal.SIGKILL)
-        wait_until(lambda: min(progress(p) for n, p in nodes.items() if n != worker) >= at + 20, 180,
+        wait_until(lambda: min(progress(p) for n, p in nodes.items() if n != worker) >= at + 10, 180,
                    what="the rest to go on after a worker died")
 
         # the dead worker comes back with its data dir: it resumes from its own log, then catches up
         nodes["restarted"] = start(worker, "--zo-join", "snapshot")
-        wait_until(lambda: progress(nodes["restarted"]) >= progress(nodes[committer]) - 5 > at + 20, 120,
+        wait_until(lambda: progress(nodes["restarted"]) >= progress(nodes[committer]) - 5 > at + 10, 120,
                    what="the restarted worker to catch up")
+        assert progress(nodes[committer]) < STEPS - 40, "the swarm ran too fast for the scenario"
 
         at = progress(nodes[committer])
         os.kill(nodes[committer].pid, signal.SIGKILL)

@@ -543,6 +543,7 @@ class ZOWorker:
             self._inbox.clear()
             self._own.clear()
             await asyncio.to_thread(self._write_snapshot)
+        await self._record_hash()
         if reason != "join":
             self.report.resyncs += 1
             self.publish_event("resync", f"zo weights replaced by {peer.hex()[:16]}'s at step {step} ({reason})")
