@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zo mode: catch up by replaying the commit log, by a weight snapshot, or the cheaper one")
     node.add_argument("--zo-report", default=None, metavar="FILE",
                       help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
+    node.add_argument("--report", default=None, metavar="FILE",
+                      help="pipeline mode: write a JSON report (losses, paths, weight hashes) here when done")
     node.add_argument("--zo-fault", default=None, help=argparse.SUPPRESS)  # tests only: see node.zo_node.parse_fault
+    node.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests only: node.pipeline_node.parse_fault
 
     status = commands.add_parser("status", help="show the swarm's runs and nodes", epilog=SETTINGS_EPILOG)
     _add_swarm_flags(status, listens=False)
@@ -353,6 +356,17 @@ def cmd_node(args: argparse.Namespace) -> int:
         async def serve() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            if spec.run.mode == "pipeline":
+                from node.pipeline_node import run_pipeline_worker
+
+                report = Path(args.report) if getattr(args, "report", None) else None
+                worker = asyncio.create_task(run_pipeline_worker(node, stop, report, getattr(args, "fault", None)))
+                await node.run(stop)
+                if worker.done():
+                    worker.result()
+                else:
+                    worker.cancel()
+                return
             if not zo:
                 await node.run(stop)
                 return

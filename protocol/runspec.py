@@ -70,6 +70,7 @@ class PipelineSection:
     swap: str = "checkfree_plus"
     microbatches: int = 8
     microbatch_size: int = 4
+    memory: int = 4  # microbatches whose activations a node holds at once (forward to backward)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ def check_spec(spec: RunSpec) -> None:
     _require(pipe.swap != "checkfree_plus" or pipe.stages >= 3, "pipeline.swap: checkfree_plus needs at least 3 stages")
     _require(pipe.microbatches > 0, "pipeline.microbatches: must be > 0")
     _require(pipe.microbatch_size > 0, "pipeline.microbatch_size: must be > 0")
+    _require(1 <= pipe.memory <= 4096, "pipeline.memory: must be in 1..4096")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(

@@ -1,0 +1,75 @@
+"""Wiring of a pipeline worker into a node process: the stage's module, data for data nodes, the report."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from node.runner import Node
+from node.swarm_adapter import HivemindSwarm
+from protocol.runspec import RunSpec
+from trainer.data import batches, load_domain, split_domain
+from trainer.model import ModelConfig, build_stage, stage_block_ranges
+from trainer.pipeline.runtime import PipelineSettings, PipelineWorker
+
+logger = logging.getLogger(__name__)
+
+
+def stage_module(spec: RunSpec, stage: int) -> torch.nn.Module:
+    """The stage's module at the run's initial weights (the same on every replica)."""
+    cfg = ModelConfig.from_preset(spec.model.preset)
+    ranges = stage_block_ranges(cfg.n_layers, spec.pipeline.stages, spec.pipeline.blocks_per_stage)
+    return build_stage(cfg, stage, ranges[stage], seed=spec.train.seed)
+
+
+def data_stream(spec: RunSpec, node_id: bytes):
+    train = [split_domain(load_domain(d), spec.data.val_fraction, seed=spec.train.seed).train for d in spec.data.domains]
+    seed = int.from_bytes(hashlib.blake2b(node_id, digest_size=8).digest(), "little") >> 1
+    return batches(torch.cat(train), spec.pipeline.microbatch_size, spec.model.seq_len, seed=seed)
+
+
+def parse_fault(fault: str | None) -> dict:
+    """Testing only: ``kill-after-forwards-N`` makes a stage node SIGKILL itself on its (N+1)-th forward."""
+    if not fault:
+        return {}
+    prefix = "kill-after-forwards-"
+    if fault.startswith(prefix) and fault[len(prefix):].isdigit():
+        return {"die_after_forwards": int(fault[len(prefix):])}
+    raise ValueError(f"unknown fault {fault!r}; known: {prefix}N")
+
+
+async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path | None = None,
+                              fault: str | None = None) -> None:
+    """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``."""
+    spec = node.spec
+    torch.set_num_threads(1)
+    await node.online.wait()
+    assert node.role is not None and node.role.stage is not None
+    stage = node.role.stage
+    module = await asyncio.to_thread(stage_module, spec, stage)
+    data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
+    pipe = spec.pipeline
+    settings = PipelineSettings(num_stages=pipe.stages, path_length=pipe.path_length, swap=pipe.swap,
+                                microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
+                                lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4))
+    worker = PipelineWorker(HivemindSwarm(node), stage, module, settings, data, **parse_fault(fault))
+    # every node should be up before the first iteration: wait for one replica of every stage
+    while not stop.is_set():
+        replicas = await worker._replicas(fresh=True)
+        if all(replicas.get(s) for s in range(pipe.stages)):
+            break
+        await asyncio.sleep(settings.retry_s * 2)
+    report = await worker.run(stop)
+    if report_path is not None:
+        out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
+               "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
+               "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
+               "resyncs": report.resyncs, "seconds": report.seconds}
+        tmp = report_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(report_path)
+    stop.set()

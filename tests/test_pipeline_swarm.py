@@ -1,0 +1,103 @@
+"""The skip pipeline across real node processes: 2 data nodes and 2 stages with 2 replicas each."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from protocol.keys import generate_private_key
+from protocol.runspec import dumps_spec, make_spec
+from tests.harness import Cluster, wait_until
+
+ITERATIONS = 12
+
+
+def spec_file(tmp_path, iterations: int = ITERATIONS):
+    spec = make_spec("pipeline", "tiny", generate_private_key(), name="pp-test", stages=3, path_length=3,
+                     microbatches=4, microbatch_size=4, seq_len=64, memory=2, steps=iterations, lr=3e-3,
+                     domains=["arithmetic"], swap="none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0)
+    path = tmp_path / "run.toml"
+    path.write_text(dumps_spec(spec))
+    return path
+
+
+def start_swarm(cluster, tmp_path, spec, extra: dict[str, list[str]] | None = None):
+    _, peer = cluster.bootstrap()
+    roles = {"d0": ["--role", "data"], "d1": ["--role", "data"], "s1a": ["--stage", "1"], "s1b": ["--stage", "1"],
+             "s2a": ["--stage", "2"], "s2b": ["--stage", "2"]}
+    return {name: cluster.start(name, "node", "--run", str(spec), "--data-dir", str(tmp_path / name),
+                                "--initial-peers", peer, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
+                                "--report", str(tmp_path / f"{name}.json"), *args, *(extra or {}).get(name, []))
+            for name, args in roles.items()}
+
+
+def iterations_done(proc) -> int:
+    return len(re.findall(r"pipeline iteration \d+ done", proc.output()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_trains_across_six_processes(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        nodes = start_swarm(cluster, tmp_path, spec_file(tmp_path))
+        wait_until(lambda: all(p.popen.poll() is not None for p in nodes.values()), 300, what="all nodes to finish")
+        reports = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in nodes}
+    finally:
+        assert cluster.close() == []
+    assert all(r["iterations"] == ITERATIONS for r in reports.values())
+    # the loss fell
+    for name in ("d0", "d1"):
+        losses = [loss for _, _, loss in reports[name]["losses"]]
+        assert len(losses) == ITERATIONS
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    # every path ran as planned, and every hop was served by the node the plan named
+    served = {(it, data, mb, r["node"]) for r in reports.values() for it, data, mb in r["served"]}
+    hops = 0
+    for name in ("d0", "d1"):
+        r = reports[name]
+        assert sorted(r["planned"]) == sorted(r["executed"])
+        for it, mb, path in r["executed"]:
+            assert [s for s, _ in path] == [1, 2]
+            for _, node in path:
+                assert (it, r["node"], mb, node) in served
+                hops += 1
+    assert hops == len(served) == 2 * ITERATIONS * 4 * 2
+    # the replicas of each stage hold identical weights after every iteration
+    for group in (("d0", "d1"), ("s1a", "s1b"), ("s2a", "s2b")):
+        a, b = (reports[n]["hashes"] for n in group)
+        assert a == b, group
+        assert len({h for _, h in a}) == ITERATIONS  # and they changed every iteration
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_survives_kill_of_a_replica_mid_iteration(tmp_path):
+    """s1a SIGKILLs itself on a forward in its fifth iteration or so, holding other microbatches'
+    activations: the data nodes reroute to s1b, the iteration completes and training goes on."""
+    cluster = Cluster(tmp_path)
+    try:
+        nodes = start_swarm(cluster, tmp_path, spec_file(tmp_path, iterations=10),
+                            extra={"s1a": ["--fault", "kill-after-forwards-9"]})
+        rest = [n for n in nodes if n != "s1a"]
+        wait_until(lambda: all(nodes[n].popen.poll() is not None for n in rest), 300, what="the rest to finish")
+        assert nodes["s1a"].popen.wait(30) == -9
+        assert "fault injection: SIGKILL in the middle of iteration" in nodes["s1a"].output()
+        reports = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in rest}
+    finally:
+        assert cluster.close() == []
+    assert all(r["iterations"] == 10 for r in reports.values())
+    assert sum(reports[n]["rerouted"] for n in ("d0", "d1")) >= 1
+    s1b = reports["s1b"]["node"]
+    for name in ("d0", "d1"):
+        executed = reports[name]["executed"]
+        assert len(executed) == 10 * 4  # every microbatch of every iteration ran
+        late = [path for it, mb, path in executed if it >= 6]
+        assert late and all(path == [[1, s1b], [2, path[1][1]]] for path in late)
+        losses = [loss for _, _, loss in reports[name]["losses"]]
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    assert reports["d0"]["hashes"] == reports["d1"]["hashes"]
+    assert reports["s2a"]["hashes"] == reports["s2b"]["hashes"]

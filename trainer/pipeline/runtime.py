@@ -1,0 +1,417 @@
+"""The skip pipeline on live nodes: microbatches along paths, gradients averaged per stage, one step.
+
+Every node holds one stage (stage 0, with the embedding, head and loss, is the data node's).
+Iteration k:
+
+1. Each data node plans its microbatches' paths over the live replicas (trainer/pipeline/plan.py)
+   and drives them, at most ``memory`` at a time: stage 0's start, then ``pp.forward`` on each
+   hop's node (activations over the RPC), the loss, then ``pp.backward`` along the reversed path.
+   A hop whose node fails goes to another live replica of that stage, or skips the stage when
+   none is left. Then it tells every stage node ``pp.done``.
+2. A stage node serves hops (each holds one of its ``memory`` activation slots from forward to
+   backward) until every live data node said done.
+3. The replicas of each stage reduce their summed gradients at the stage's reducer (its smallest
+   live id) in a fixed order, weighted by microbatches processed; all apply the same averaged
+   gradient and step. The reducer also compares weight hashes and sends its weights to a replica
+   that differs, so the replicas of a stage hold identical weights after every iteration.
+
+(hivemind's averager is not used for this step: it applies the average as a delta to each local
+tensor, so replicas end within rounding of each other instead of identical.)
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.errors import ProtocolError
+from trainer.pipeline.plan import Hop, plan_paths
+from trainer.swarm import Swarm, SwarmCallError
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class PipelineError(ProtocolError):
+    """A request that does not fit this node's stage or iteration (the caller gets the reason)."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    num_stages: int
+    path_length: int
+    swap: str
+    microbatches: int
+    memory: int
+    iterations: int
+    lr: float
+    done_timeout_s: float = 120.0
+    reduce_timeout_s: float = 60.0
+    retry_s: float = 0.5
+
+
+@dataclass
+class PipelineReport:
+    iterations: int = 0
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, unix time, mean loss)
+    hashes: list[tuple[int, str]] = field(default_factory=list)  # weights hash after each step
+    planned: list[list] = field(default_factory=list)  # data nodes: [iteration, mb, [[stage, node hex]...]]
+    executed: list[list] = field(default_factory=list)
+    served: list[list] = field(default_factory=list)  # stage nodes: [iteration, data node hex, mb]
+    rerouted: int = 0
+    skipped: int = 0
+    resyncs: int = 0
+    seconds: float = 0.0
+
+
+def weights_hash(module: torch.nn.Module) -> bytes:
+    h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.digest()
+
+
+class PipelineWorker:
+    def __init__(self, swarm: Swarm, stage: int, module: torch.nn.Module, settings: PipelineSettings,
+                 data: Iterator[Batch] | None = None, die_after_forwards: int | None = None):
+        """``die_after_forwards``: a test hook; the process SIGKILLs itself when the next forward
+        arrives after that many, i.e. in the middle of an iteration with activations held."""
+        self.swarm = swarm
+        self.me = swarm.my_id
+        self.stage = stage
+        self.module = module
+        self.settings = settings
+        self.data = data
+        self.die_after_forwards = die_after_forwards
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
+        self.report = PipelineReport()
+        self.iteration = 0
+        self._iteration_changed = asyncio.Condition()
+        self._slots = asyncio.Semaphore(settings.memory)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (input, output)
+        self._count = 0  # microbatches whose backward reached this stage this iteration
+        self._done_upto: dict[bytes, int] = {}  # data node -> the last iteration it finished
+        self._done_event = asyncio.Event()
+        self._reduce_inbox: dict[tuple[int, bytes], tuple[dict, int, bytes]] = {}
+        self._reduce_event = asyncio.Event()
+        self._reduce_result: dict[int, asyncio.Future] = {}
+        for method, handler in (("pp.forward", self._on_forward), ("pp.backward", self._on_backward),
+                                ("pp.done", self._on_done), ("pp.reduce", self._on_reduce),
+                                ("pp.state", self._on_state)):
+            swarm.serve(method, handler)
+
+    # ---- membership --------------------------------------------------------------------------
+
+    async def _replicas(self, fresh: bool = False) -> dict[int, list[bytes]]:
+        by_stage: dict[int, list[bytes]] = {}
+        for p in await self.swarm.peers(fresh=fresh):
+            if p.stage is not None and p.role in ("data", "stage"):
+                by_stage.setdefault(p.stage, []).append(p.id)
+        by_stage.setdefault(self.stage, [])
+        if self.me not in by_stage[self.stage]:
+            by_stage[self.stage].append(self.me)
+        return {s: sorted(ids) for s, ids in by_stage.items()}
+
+    # ---- main loop ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> PipelineReport:
+        started = time.time()
+        while not stop.is_set() and self.iteration < self.settings.iterations:
+            k = self.iteration
+            if self.stage == 0:
+                await self._drive(k)
+            else:
+                await self._wait_done(k, stop)
+            await self._reduce_and_step(k)
+            self.report.hashes.append((k, weights_hash(self.module).hex()))
+            logger.info("pipeline iteration %d done, weights %s", k, self.report.hashes[-1][1][:16])
+            self._cache = {key: v for key, v in self._cache.items() if key[0] > k}
+            async with self._iteration_changed:
+                self.iteration = k + 1
+                self.report.iterations = k + 1
+                self._iteration_changed.notify_all()
+        self.report.seconds = time.time() - started
+        return self.report
+
+    # ---- data node ---------------------------------------------------------------------------
+
+    async def _drive(self, k: int) -> None:
+        replicas = await self._replicas()
+        paths = plan_paths(k, self.me, self.settings.microbatches, self.settings.num_stages,
+                           self.settings.path_length, self.settings.swap, replicas)
+        for m, path in enumerate(paths):
+            self.report.planned.append([k, m, [[s, n.hex()] for s, n in path]])
+        losses = await asyncio.gather(*(self._microbatch(k, m, path) for m, path in enumerate(paths)))
+        done = [loss for loss in losses if loss is not None]
+        if done:
+            self.report.losses.append((k, time.time(), sum(done) / len(done)))
+            logger.info("iteration %d: mean loss %.4f over %d microbatches", k, self.report.losses[-1][2], len(done))
+        stage_nodes = {n for s, ids in (await self._replicas(fresh=True)).items() if s != 0 for n in ids}
+        await asyncio.gather(*(self._call_quietly(n, "pp.done", {"iteration": k}) for n in stage_nodes))
+
+    async def _call_quietly(self, node: bytes, method: str, args: dict) -> None:
+        try:
+            await self.swarm.call(node, method, args)
+        except SwarmCallError as error:
+            logger.info("%s to %s failed: %s", method, node.hex()[:12], error)
+
+    async def _microbatch(self, k: int, m: int, path: list[Hop]) -> float | None:
+        async with self._slots:
+            tokens, targets = next(self.data)
+            x0 = self.module.start(tokens)
+            x = x0.detach()
+            done: list[Hop] = []
+            for stage, node in path:
+                result = await self._forward_hop(k, m, stage, node, x)
+                if result is None:
+                    self.report.skipped += 1
+                    continue
+                hop, x = result
+                done.append(hop)
+            self.report.executed.append([k, m, [[s, n.hex()] for s, n in done]])
+            x_last = x.detach().requires_grad_(True)
+            _, loss = self.module.finish(x_last, targets)
+            loss.backward()
+            grad = x_last.grad
+            for stage, node in reversed(done):
+                try:
+                    _, out = await self.swarm.call(node, "pp.backward", {"iteration": k, "mb": m}, {"grad": grad})
+                    grad = out["grad"]
+                except (SwarmCallError, KeyError) as error:
+                    logger.warning("backward of microbatch %d at stage %d failed (%s); its gradient stops there",
+                                   m, stage, error)
+                    grad = None
+                    break
+            if grad is not None:
+                x0.backward(grad)
+                self._count += 1
+            return float(loss)
+
+    async def _forward_hop(self, k: int, m: int, stage: int, node: bytes,
+                           x: torch.Tensor) -> tuple[Hop, torch.Tensor] | None:
+        """Run one hop; on failure, another live replica of the stage; None when none is left."""
+        tried: set[bytes] = set()
+        candidate = node
+        while candidate is not None:
+            tried.add(candidate)
+            try:
+                _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m}, {"x": x})
+                if candidate != node:
+                    self.report.rerouted += 1
+                return (stage, candidate), out["x"]
+            except (SwarmCallError, KeyError) as error:
+                logger.warning("microbatch %d: stage %d on %s failed (%s); trying another replica",
+                               m, stage, candidate.hex()[:12], error)
+            others = [n for n in (await self._replicas(fresh=True)).get(stage, []) if n not in tried]
+            candidate = others[0] if others else None
+        return None
+
+    # ---- stage node --------------------------------------------------------------------------
+
+    async def _wait_done(self, k: int, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.done_timeout_s
+        while not stop.is_set() and loop.time() < deadline:
+            data_nodes = set((await self._replicas()).get(0, []))
+            if data_nodes and all(self._done_upto.get(d, -1) >= k for d in data_nodes):
+                return
+            self._done_event.clear()
+            try:
+                await asyncio.wait_for(self._done_event.wait(), self.settings.retry_s * 4)
+            except TimeoutError:
+                pass
+        logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
+
+    def _mark_done(self, data_node: bytes, k: int) -> None:
+        if k > self._done_upto.get(data_node, -1):
+            self._done_upto[data_node] = k
+            self._done_event.set()
+
+    async def _at_iteration(self, sender: bytes, k: int) -> None:
+        """Requests for a later iteration wait until this node has stepped into it. A data node
+        that sends iteration k has finished k - 1 (its pp.done may have missed us)."""
+        self._mark_done(sender, k - 1)
+        try:
+            async with self._iteration_changed:
+                await asyncio.wait_for(self._iteration_changed.wait_for(lambda: self.iteration >= k),
+                                       self.settings.done_timeout_s)
+        except TimeoutError:
+            raise PipelineError(f"this node is still at iteration {self.iteration}") from None
+        if k != self.iteration:
+            raise PipelineError(f"iteration {k} is over here (this node is at {self.iteration})")
+
+    def _key(self, sender: bytes, args: dict) -> tuple:
+        k, m = args.get("iteration"), args.get("mb")
+        if type(k) is not int or type(m) is not int or not 0 <= m < 1 << 20:
+            raise PipelineError("iteration and mb must be integers")
+        return (k, sender, m)
+
+    async def _on_forward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        if self.stage == 0:
+            raise PipelineError("stage 0 does not serve hops")
+        key = self._key(sender, args)
+        x = tensors.get("x")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != torch.float32:
+            raise PipelineError("x must be a float32 (batch, time, d_model) tensor")
+        await self._at_iteration(sender, key[0])
+        if key in self._cache:
+            raise PipelineError("this microbatch already passed here")
+        if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
+            logger.warning("fault injection: SIGKILL in the middle of iteration %d", key[0])
+            os.kill(os.getpid(), signal.SIGKILL)
+        await self._slots.acquire()  # released by backward (or at the end of the iteration)
+        x_in = x.detach().requires_grad_(True)
+        try:
+            y = self.module(x_in)
+        except Exception as error:
+            self._slots.release()
+            raise PipelineError(f"forward failed: {error}") from None
+        self._cache[key] = (x_in, y)
+        self.report.served.append([key[0], sender.hex(), key[2]])
+        return {}, {"x": y.detach()}
+
+    async def _on_backward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        key = self._key(sender, args)
+        entry = self._cache.pop(key, None)
+        if entry is None:
+            raise PipelineError("no forward of this microbatch is waiting here")
+        self._slots.release()
+        x_in, y = entry
+        grad = tensors.get("grad")
+        if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != y.dtype:
+            raise PipelineError("grad must match the forward output's shape and dtype")
+        y.backward(grad)
+        self._count += 1
+        return {}, {"grad": x_in.grad}
+
+    async def _on_done(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        k = args.get("iteration")
+        if type(k) is not int:
+            raise PipelineError("iteration must be an integer")
+        self._mark_done(sender, k)
+        return {}, {}
+
+    # ---- reducing ----------------------------------------------------------------------------
+
+    def _grads(self) -> dict[str, torch.Tensor]:
+        return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                for name, p in self.module.named_parameters()}
+
+    def _step(self, averaged: dict[str, torch.Tensor]) -> None:
+        for name, p in self.module.named_parameters():
+            p.grad = averaged[name].clone()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count = 0
+
+    async def _reduce_and_step(self, k: int) -> None:
+        # leftover slots of microbatches whose backward never came are freed before the reduce
+        for key in [key for key in self._cache if key[0] <= k]:
+            del self._cache[key]
+            self._slots.release()
+        while True:
+            members = (await self._replicas(fresh=True)).get(self.stage, [self.me])
+            reducer = members[0]
+            if reducer == self.me:
+                await self._reduce_as_reducer(k, members)
+                return
+            try:
+                result, out = await self.swarm.call(reducer, "pp.reduce",
+                                                    {"iteration": k, "count": self._count,
+                                                     "hash": weights_hash(self.module)}, self._grads())
+            except SwarmCallError as error:
+                if "already reduced" in str(error):  # we came too late: take the stage's weights instead
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._count = 0
+                    await self._resync(reducer)
+                    return
+                logger.warning("reduce at %s failed: %s; trying again", reducer.hex()[:12], error)
+                await asyncio.sleep(self.settings.retry_s)
+                continue
+            if result.get("skip"):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._count = 0
+            else:
+                self._step(out)
+            if result.get("resync"):
+                await self._resync(reducer)
+            return
+
+    async def _reduce_as_reducer(self, k: int, members: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reduce_timeout_s
+        mine = (self._grads(), self._count, weights_hash(self.module))
+        while loop.time() < deadline:
+            have = {sender for (it, sender) in self._reduce_inbox if it == k}
+            if set(members) - {self.me} <= have:
+                break
+            self._reduce_event.clear()
+            try:
+                await asyncio.wait_for(self._reduce_event.wait(), self.settings.retry_s * 4)
+            except TimeoutError:
+                members = (await self._replicas(fresh=True)).get(self.stage, [self.me])
+        contributions = {self.me: mine}
+        contributions.update({s: v for (it, s), v in self._reduce_inbox.items() if it == k})
+        total = sum(count for _, count, _ in contributions.values())
+        if total == 0:
+            averaged = None
+        else:
+            averaged = {}
+            for name in mine[0]:
+                acc = torch.zeros_like(mine[0][name])
+                for sender in sorted(contributions):  # a fixed order: the same sum on every run
+                    acc += contributions[sender][0][name]
+                averaged[name] = acc / total
+        future = self._reduce_result.setdefault(k, loop.create_future())
+        if not future.done():
+            future.set_result((averaged, mine[2]))
+        if averaged is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count = 0
+        else:
+            self._step(averaged)
+        for key in [key for key in self._reduce_inbox if key[0] <= k]:
+            del self._reduce_inbox[key]
+
+    async def _on_reduce(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        k, count, digest = args.get("iteration"), args.get("count"), args.get("hash")
+        if type(k) is not int or type(count) is not int or count < 0 or not isinstance(digest, bytes):
+            raise PipelineError("pp.reduce takes iteration, count and hash")
+        names = {name for name, _ in self.module.named_parameters()}
+        if set(tensors) != names or any(tensors[n].shape != p.shape for n, p in self.module.named_parameters()):
+            raise PipelineError("gradients do not match this stage's parameters")
+        if k < self.iteration:
+            raise PipelineError(f"iteration {k} is already reduced here")
+        self._reduce_inbox[(k, sender)] = (tensors, count, digest)
+        self._reduce_event.set()
+        loop = asyncio.get_running_loop()
+        future = self._reduce_result.setdefault(k, loop.create_future())
+        averaged, reducer_hash = await asyncio.wait_for(asyncio.shield(future), self.settings.reduce_timeout_s * 2)
+        resync = digest != reducer_hash
+        if averaged is None:
+            return {"skip": True, "resync": resync}, {}
+        return {"skip": False, "resync": resync}, averaged
+
+    async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        state = {name: t.detach().clone() for name, t in self.module.state_dict().items()}
+        return {"iteration": self.iteration}, state
+
+    async def _resync(self, peer: bytes) -> None:
+        """Take ``peer``'s weights (after it stepped): our replica had drifted from the stage's."""
+        try:
+            _, state = await self.swarm.call(peer, "pp.state", {})
+            self.module.load_state_dict(state)
+        except (SwarmCallError, RuntimeError) as error:
+            logger.warning("could not take weights from %s: %s", peer.hex()[:12], error)
+            return
+        self.report.resyncs += 1
+        logger.warning("weights replaced by %s's (they differed before the step)", peer.hex()[:12])
