@@ -132,14 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_parser(commands)
 
     demo = commands.add_parser("demo", help="train the tiny model on the embedded data and show the loss falling")
-    demo.add_argument("--mode", choices=("single", "zo"), default="single",
-                      help="single: one process with AdamW; zo: a local swarm of node processes with SPSA")
+    demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
+                      help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
+                           "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
+    demo.add_argument("--iterations", type=int, default=30, help="pipeline mode: training iterations")
+    demo.add_argument("--stages", type=int, default=3, help="pipeline mode: stages (stage 0 = data nodes)")
     demo.add_argument("--preset", default="tiny", help="model preset (single mode)")
-    demo.add_argument("--nodes", type=int, default=4, help="zo mode: node processes")
+    demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo)")
     demo.add_argument("--base-steps", type=int, default=60,
                       help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
-    demo.add_argument("--json", action="store_true", help="zo mode: the last line printed is one JSON object")
+    demo.add_argument("--json", action="store_true",
+                      help="pipeline and zo modes: the last line printed is one JSON object")
     return parser
 
 
@@ -411,8 +415,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError("--steps must be positive")
     if args.mode == "zo":
         return _demo_zo(args)
+    if args.mode == "pipeline":
+        return _demo_pipeline(args)
     if args.json:
-        raise CliError("--json applies to --mode zo")
+        raise CliError("--json applies to --mode pipeline and --mode zo")
     _model_config(args.preset)
     config = TrainConfig(preset=args.preset, steps=args.steps or 300)
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
@@ -435,6 +441,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_zo(args: argparse.Namespace) -> int:
     from node.zo_demo import DemoError, run_demo
 
+    args.nodes = 4 if args.nodes is None else args.nodes
     if not 1 <= args.nodes <= 16:
         raise CliError("--nodes must be in 1..16 (each node process needs about 300 MB)")
     if args.base_steps < 0:
@@ -453,6 +460,31 @@ def _demo_zo(args: argparse.Namespace) -> int:
           f"{result['wire_bytes_per_node_step']:,.0f} bytes per node per step with headers "
           f"(an fp32 ring all-reduce of the {result['params']:,} parameters: {result['allreduce_bytes_per_node_step']:,})")
     return 0 if result["weights_identical"] else EXIT_FAILURE
+
+
+def _demo_pipeline(args: argparse.Namespace) -> int:
+    from node.pipeline_demo import run_demo
+    from node.zo_demo import DemoError
+
+    nodes = 6 if args.nodes is None else args.nodes
+    if not 2 <= args.stages <= 4:
+        raise CliError("--stages must be in 2..4 for the tiny preset (4 blocks)")
+    if not args.stages <= nodes <= 16:
+        raise CliError(f"--nodes must be in {args.stages}..16: every stage needs a node")
+    if args.iterations <= 0:
+        raise CliError("--iterations must be positive")
+    try:
+        result = run_demo(nodes, args.stages, args.iterations, args.json)
+    except DemoError as error:
+        raise CliError(str(error)) from None
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0 if result["replicas_identical"] else EXIT_FAILURE
+    print(f"{result['nodes']} nodes, {result['stages']} stages, {result['iterations']} iterations "
+          f"({result['mean_iteration_s']} s each): training loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
+    print(f"replicas of every stage identical: {'yes' if result['replicas_identical'] else 'NO'}; "
+          f"{result['tokens_per_s']:,} tokens/s over the data nodes")
+    return 0 if result["replicas_identical"] else EXIT_FAILURE
 
 
 def _sample_text(model, prompt: str) -> str:

@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -63,12 +64,36 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
         if all(replicas.get(s) for s in range(pipe.stages)):
             break
         await asyncio.sleep(settings.retry_s * 2)
-    report = await worker.run(stop)
+    started = time.time()
+
+    async def publish_metrics() -> None:
+        """What observers see in this node's heartbeats."""
+        while not stop.is_set():
+            r = worker.report
+            node.step = worker.iteration
+            node.metrics.update(iteration=float(worker.iteration), compute_s=r.compute_s,
+                                compute_ms_per_microbatch=1000 * r.compute_s / max(1, r.microbatches),
+                                bytes_sent=float(node.rpc.stats.sent if node.rpc else 0))
+            if r.losses:
+                node.metrics["loss"] = r.losses[-1][2]
+            if stage == 0:
+                node.metrics["tokens_per_s"] = r.tokens / max(1e-9, time.time() - started)
+            try:
+                await asyncio.wait_for(stop.wait(), node.timeouts.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    metrics = asyncio.create_task(publish_metrics())
+    try:
+        report = await worker.run(stop)
+    finally:
+        metrics.cancel()
     if report_path is not None:
         out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
                "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
                "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
-               "resyncs": report.resyncs, "seconds": report.seconds}
+               "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
+               "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0}
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))
         tmp.replace(report_path)

@@ -334,4 +334,8 @@ def test_bad_arguments_are_usage_errors(tmp_path, args):
 
 def test_demo_needs_positive_steps(tmp_path):
     assert_one_line_error(swarmtrain(tmp_path, "demo", "--steps", "0"), "demo", "--steps")
-    assert_one_line_error(swarmtrain(tmp_path, "demo", "--steps", "1", "--preset", "huge"), "demo", "preset 'huge'")
+    assert_one_line_error(swarmtrain(tmp_path, "demo", "--mode", "single", "--steps", "1", "--preset", "huge"), "demo",
+                          "preset 'huge'")
+    assert_one_line_error(swarmtrain(tmp_path, "demo", "--stages", "9"), "demo", "--stages")
+    assert_one_line_error(swarmtrain(tmp_path, "demo", "--nodes", "2"), "demo", "--nodes")
+    assert_one_line_error(swarmtrain(tmp_path, "demo", "--iterations", "0"), "demo", "--iterations")

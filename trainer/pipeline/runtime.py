@@ -70,6 +70,9 @@ class PipelineReport:
     skipped: int = 0
     resyncs: int = 0
     seconds: float = 0.0
+    compute_s: float = 0.0  # forward and backward time of this node's stage
+    microbatches: int = 0  # microbatches whose forward ran here
+    tokens: int = 0  # data nodes: tokens trained on
 
 
 def weights_hash(module: torch.nn.Module) -> bytes:
@@ -167,7 +170,10 @@ class PipelineWorker:
     async def _microbatch(self, k: int, m: int, path: list[Hop]) -> float | None:
         async with self._slots:
             tokens, targets = next(self.data)
+            began = time.perf_counter()
             x0 = self.module.start(tokens)
+            self.report.compute_s += time.perf_counter() - began
+            self.report.microbatches += 1
             x = x0.detach()
             done: list[Hop] = []
             for stage, node in path:
@@ -178,10 +184,12 @@ class PipelineWorker:
                 hop, x = result
                 done.append(hop)
             self.report.executed.append([k, m, [[s, n.hex()] for s, n in done]])
+            began = time.perf_counter()
             x_last = x.detach().requires_grad_(True)
             _, loss = self.module.finish(x_last, targets)
             loss.backward()
             grad = x_last.grad
+            self.report.compute_s += time.perf_counter() - began
             for stage, node in reversed(done):
                 try:
                     _, out = await self.swarm.call(node, "pp.backward", {"iteration": k, "mb": m}, {"grad": grad})
@@ -192,8 +200,11 @@ class PipelineWorker:
                     grad = None
                     break
             if grad is not None:
+                began = time.perf_counter()
                 x0.backward(grad)
+                self.report.compute_s += time.perf_counter() - began
                 self._count += 1
+            self.report.tokens += tokens.numel()
             return float(loss)
 
     async def _forward_hop(self, k: int, m: int, stage: int, node: bytes,
@@ -270,11 +281,14 @@ class PipelineWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         await self._slots.acquire()  # released by backward (or at the end of the iteration)
         x_in = x.detach().requires_grad_(True)
+        began = time.perf_counter()
         try:
             y = self.module(x_in)
         except Exception as error:
             self._slots.release()
             raise PipelineError(f"forward failed: {error}") from None
+        self.report.compute_s += time.perf_counter() - began
+        self.report.microbatches += 1
         self._cache[key] = (x_in, y)
         self.report.served.append([key[0], sender.hex(), key[2]])
         return {}, {"x": y.detach()}
@@ -289,7 +303,9 @@ class PipelineWorker:
         grad = tensors.get("grad")
         if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != y.dtype:
             raise PipelineError("grad must match the forward output's shape and dtype")
+        began = time.perf_counter()
         y.backward(grad)
+        self.report.compute_s += time.perf_counter() - began
         self._count += 1
         return {}, {"grad": x_in.grad}
 
