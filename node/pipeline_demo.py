@@ -15,13 +15,13 @@ from node.zo_demo import DemoError, _first_maddr, _start
 PROGRESS_EVERY_S = 5.0
 
 
-def write_pipeline_spec(workdir: Path, stages: int, iterations: int, **overrides) -> Path:
+def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int, **overrides) -> Path:
     from protocol.keys import generate_private_key
     from protocol.runspec import dumps_spec, make_spec
 
     settings = dict(name="pipeline-demo", stages=stages, path_length=max(2, stages - 1) if stages > 3 else stages,
                     microbatches=4, microbatch_size=4, seq_len=64, memory=2, steps=iterations, lr=3e-3,
-                    swap="checkfree_plus" if stages >= 3 else "none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0)
+                    swap="checkfree_plus" if stages >= 3 else "none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0, min_nodes=nodes)
     settings.update(overrides)
     spec = make_spec("pipeline", "tiny", generate_private_key(), **settings)
     path = workdir / "run.toml"
@@ -96,7 +96,7 @@ def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s:
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if as_json else print
     with tempfile.TemporaryDirectory(prefix="swarmtrain-pipeline-demo-") as tmp:
         workdir = Path(tmp)
-        spec = write_pipeline_spec(workdir, stages, iterations)
+        spec = write_pipeline_spec(workdir, stages, iterations, nodes)
         say(f"starting {nodes} node processes: a {stages}-stage skip pipeline of the tiny preset on the embedded "
             f"data, {iterations} iterations", flush=True)
 

@@ -58,10 +58,12 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                                 microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4))
     worker = PipelineWorker(HivemindSwarm(node), stage, module, settings, data, **parse_fault(fault))
-    # every node should be up before the first iteration: wait for one replica of every stage
+    # before the first iteration: min_nodes live and a replica of every stage, so that the replicas of
+    # a stage reduce together from the start
     while not stop.is_set():
         replicas = await worker._replicas(fresh=True)
-        if all(replicas.get(s) for s in range(pipe.stages)):
+        if all(replicas.get(s) for s in range(pipe.stages)) and sum(map(len, replicas.values())) >= pipe.min_nodes:
+            await worker._replicas(fresh=True)  # one more look: others may be a heartbeat behind us
             break
         await asyncio.sleep(settings.retry_s * 2)
     started = time.time()

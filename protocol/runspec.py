@@ -71,6 +71,7 @@ class PipelineSection:
     microbatches: int = 8
     microbatch_size: int = 4
     memory: int = 4  # microbatches whose activations a node holds at once (forward to backward)
+    min_nodes: int = 1  # the first iteration waits until this many nodes are live (and every stage has one)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ def check_spec(spec: RunSpec) -> None:
     _require(pipe.microbatches > 0, "pipeline.microbatches: must be > 0")
     _require(pipe.microbatch_size > 0, "pipeline.microbatch_size: must be > 0")
     _require(1 <= pipe.memory <= 4096, "pipeline.memory: must be in 1..4096")
+    _require(1 <= pipe.min_nodes <= 4096, "pipeline.min_nodes: must be in 1..4096")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(
@@ -325,7 +327,12 @@ def make_spec(
     created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     raw["run"].update(mode=mode, access=access, created=created)
     raw["model"]["preset"] = preset
-    owners = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    owners: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            # a name in several sections (min_nodes) belongs to the section of the run's mode
+            if f.name not in owners or section == mode:
+                owners[f.name] = section
     for key, value in {**_mode_defaults(mode), **overrides}.items():
         if key in raw and isinstance(value, dict):
             raw[key].update(value)

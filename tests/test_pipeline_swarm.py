@@ -17,7 +17,7 @@ ITERATIONS = 12
 
 def spec_file(tmp_path, iterations: int = ITERATIONS):
     spec = make_spec("pipeline", "tiny", generate_private_key(), name="pp-test", stages=3, path_length=3,
-                     microbatches=4, microbatch_size=4, seq_len=64, memory=2, steps=iterations, lr=3e-3,
+                     microbatches=4, microbatch_size=4, seq_len=64, memory=2, steps=iterations, lr=3e-3, min_nodes=6,
                      domains=["arithmetic"], swap="none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0)
     path = tmp_path / "run.toml"
     path.write_text(dumps_spec(spec))

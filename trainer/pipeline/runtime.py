@@ -56,6 +56,7 @@ class PipelineSettings:
     done_timeout_s: float = 120.0
     reduce_timeout_s: float = 60.0
     retry_s: float = 0.5
+    hop_attempts: int = 4
 
 
 @dataclass
@@ -107,6 +108,7 @@ class PipelineWorker:
         self._reduce_inbox: dict[tuple[int, bytes], tuple[dict, int, bytes]] = {}
         self._reduce_event = asyncio.Event()
         self._reduce_result: dict[int, asyncio.Future] = {}
+        self._reduce_calls = 0  # pp.reduce calls being answered right now
         for method, handler in (("pp.forward", self._on_forward), ("pp.backward", self._on_backward),
                                 ("pp.done", self._on_done), ("pp.reduce", self._on_reduce),
                                 ("pp.state", self._on_state)):
@@ -142,8 +144,18 @@ class PipelineWorker:
                 self.iteration = k + 1
                 self.report.iterations = k + 1
                 self._iteration_changed.notify_all()
+        await self._linger()
         self.report.seconds = time.time() - started
         return self.report
+
+    async def _linger(self) -> None:
+        """After the last iteration a reducer stays until its replicas have their answers (and a
+        moment longer for one that missed it and asks for the state instead)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reduce_timeout_s
+        while self._reduce_calls and loop.time() < deadline:
+            await asyncio.sleep(self.settings.retry_s / 5)
+        await asyncio.sleep(self.settings.retry_s * 4)
 
     # ---- data node ---------------------------------------------------------------------------
 
@@ -209,21 +221,26 @@ class PipelineWorker:
 
     async def _forward_hop(self, k: int, m: int, stage: int, node: bytes,
                            x: torch.Tensor) -> tuple[Hop, torch.Tensor] | None:
-        """Run one hop; on failure, another live replica of the stage; None when none is left."""
-        tried: set[bytes] = set()
-        candidate = node
-        while candidate is not None:
-            tried.add(candidate)
-            try:
-                _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m}, {"x": x})
-                if candidate != node:
-                    self.report.rerouted += 1
-                return (stage, candidate), out["x"]
-            except (SwarmCallError, KeyError) as error:
-                logger.warning("microbatch %d: stage %d on %s failed (%s); trying another replica",
-                               m, stage, candidate.hex()[:12], error)
-            others = [n for n in (await self._replicas(fresh=True)).get(stage, []) if n not in tried]
-            candidate = others[0] if others else None
+        """Run one hop; on failure, another live replica of the stage. A replica that is alive but
+        busy (still finishing the previous iteration, say) gets another try after a back-off; the
+        stage is skipped only when no live replica is left or every try failed."""
+        candidates = [node]
+        for attempt in range(self.settings.hop_attempts):
+            for candidate in candidates:
+                try:
+                    _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m}, {"x": x})
+                    if candidate != node:
+                        self.report.rerouted += 1
+                    return (stage, candidate), out["x"]
+                except (SwarmCallError, KeyError) as error:
+                    logger.warning("microbatch %d: stage %d on %s failed (%s); trying another replica",
+                                   m, stage, candidate.hex()[:12], error)
+            live = (await self._replicas(fresh=True)).get(stage, [])
+            if not live:
+                break
+            # the planned node first if it is still live, then the others
+            candidates = sorted(live, key=lambda n: (n != node, n))
+            await asyncio.sleep(self.settings.retry_s * (attempt + 1))
         return None
 
     # ---- stage node --------------------------------------------------------------------------
@@ -411,23 +428,47 @@ class PipelineWorker:
         self._reduce_event.set()
         loop = asyncio.get_running_loop()
         future = self._reduce_result.setdefault(k, loop.create_future())
-        averaged, reducer_hash = await asyncio.wait_for(asyncio.shield(future), self.settings.reduce_timeout_s * 2)
+        self._reduce_calls += 1
+        try:
+            averaged, reducer_hash = await asyncio.wait_for(asyncio.shield(future), self.settings.reduce_timeout_s * 2)
+        finally:
+            self._reduce_calls -= 1
         resync = digest != reducer_hash
         if averaged is None:
             return {"skip": True, "resync": resync}, {}
         return {"skip": False, "resync": resync}, averaged
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Weights and optimizer state as named tensors: what makes two replicas identical."""
+        out = {f"w/{name}": t.detach().clone() for name, t in self.module.state_dict().items()}
+        index = {id(p): name for name, p in self.module.named_parameters()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                out[f"o/{index[id(p)]}/{key}"] = torch.as_tensor(value).detach().clone()
+        return out
+
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        weights = {name[2:]: t for name, t in state.items() if name.startswith("w/")}
+        self.module.load_state_dict(weights)  # strict: names and shapes must match
+        params = dict(self.module.named_parameters())
+        self.optimizer.state.clear()
+        for name, t in state.items():
+            if name.startswith("o/"):
+                param, _, key = name[2:].rpartition("/")
+                if param not in params:
+                    raise RuntimeError(f"optimizer state for unknown parameter {param}")
+                self.optimizer.state[params[param]][key] = t.clone()
+
     async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
-        state = {name: t.detach().clone() for name, t in self.module.state_dict().items()}
-        return {"iteration": self.iteration}, state
+        return {"iteration": self.iteration}, self.full_state()
 
     async def _resync(self, peer: bytes) -> None:
-        """Take ``peer``'s weights (after it stepped): our replica had drifted from the stage's."""
+        """Take ``peer``'s weights and optimizer state (after it stepped): ours had drifted from the stage's."""
         try:
             _, state = await self.swarm.call(peer, "pp.state", {})
-            self.module.load_state_dict(state)
-        except (SwarmCallError, RuntimeError) as error:
-            logger.warning("could not take weights from %s: %s", peer.hex()[:12], error)
+            self.load_full_state(state)
+        except (SwarmCallError, RuntimeError, ValueError) as error:
+            logger.warning("could not take the state of %s: %s", peer.hex()[:12], error)
             return
         self.report.resyncs += 1
-        logger.warning("weights replaced by %s's (they differed before the step)", peer.hex()[:12])
+        logger.warning("weights and optimizer state replaced by %s's (they differed)", peer.hex()[:12])
