@@ -15,6 +15,7 @@ from node import __version__
 from node.config import ConfigError, load_node_config
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.logs import setup_logging
+from node.model_cli import add_model_parsers, cmd_eval, cmd_export, cmd_generate
 from node.schedule_cli import add_schedule_parser, cmd_schedule
 
 logger = logging.getLogger("swarmtrain")
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     add_schedule_parser(commands)
+    add_model_parsers(commands)
 
-    demo = commands.add_parser("demo", help="train the tiny model on the embedded data and show the loss falling")
+    demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data")
     demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
                       help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
                            "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
@@ -350,7 +352,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     if spec.run.access == "private" and token is None and node_id != spec.owner.public_key:
         raise CliError(f"run {spec.run.name!r} is private: ask its owner for a join token for node {node_id} "
                        f"(swarmtrain token issue --run RUN --key OWNER_KEY --node {node_id}) and pass it with --token")
-    node = Node(config, spec, key, token, app_record_names=RECORD_NAMES if zo else ())
+    if spec.run.mode == "pipeline":
+        from node.pipeline_node import RECORD_NAMES as PIPELINE_RECORDS
+    node = Node(config, spec, key, token,
+                app_record_names=RECORD_NAMES if zo else PIPELINE_RECORDS if spec.run.mode == "pipeline" else ())
     maddrs = node.start()
     try:
         print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
@@ -506,6 +511,9 @@ COMMANDS = {
     "status": cmd_status,
     "demo": cmd_demo,
     "schedule": cmd_schedule,
+    "export": cmd_export,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
 }
 
 

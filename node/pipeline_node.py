@@ -15,7 +15,10 @@ from node.swarm_adapter import HivemindSwarm
 from protocol.runspec import RunSpec
 from trainer.data import batches, load_domain, split_domain
 from trainer.model import ModelConfig, build_stage, stage_block_ranges
+from trainer.pipeline.leader import SCHEDULE_RECORD, Leader, LeaderSettings
 from trainer.pipeline.runtime import PipelineSettings, PipelineWorker
+
+RECORD_NAMES = (SCHEDULE_RECORD,)
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,16 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     pipe = spec.pipeline
     settings = PipelineSettings(num_stages=pipe.stages, path_length=pipe.path_length, swap=pipe.swap,
                                 microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
-                                lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4))
-    worker = PipelineWorker(HivemindSwarm(node), stage, module, settings, data, **parse_fault(fault))
+                                lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
+                                use_leader=pipe.planner == "leader")
+    swarm = HivemindSwarm(node)
+    worker = PipelineWorker(swarm, stage, module, settings, data, **parse_fault(fault))
+    cfg = ModelConfig.from_preset(spec.model.preset)
+    leader = Leader(swarm, LeaderSettings(
+        microbatches=pipe.microbatches, microbatch_size=pipe.microbatch_size, memory=pipe.memory,
+        path_length=pipe.path_length, num_stages=pipe.stages, layers_per_stage=max(1, cfg.n_layers // pipe.stages),
+        activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * 4,
+        period_s=node.timeouts.heartbeat_interval_s * 2), stage)
     # before the first iteration: min_nodes live and a replica of every stage, so that the replicas of
     # a stage reduce together from the start
     while not stop.is_set():
@@ -86,15 +97,19 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                 pass
 
     metrics = asyncio.create_task(publish_metrics())
+    leading = asyncio.create_task(leader.run(stop)) if pipe.planner == "leader" else None
     try:
         report = await worker.run(stop)
     finally:
         metrics.cancel()
+        if leading is not None:
+            leading.cancel()
     if report_path is not None:
         out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
                "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
                "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
                "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
+               "plans": report.plans, "published": leader.published,
                "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0}
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))

@@ -72,6 +72,7 @@ class PipelineSection:
     microbatch_size: int = 4
     memory: int = 4  # microbatches whose activations a node holds at once (forward to backward)
     min_nodes: int = 1  # the first iteration waits until this many nodes are live (and every stage has one)
+    planner: str = "leader"  # leader: measured, scheduled paths; local: each data node round-robins, network-blind
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ def check_spec(spec: RunSpec) -> None:
     _require(pipe.microbatch_size > 0, "pipeline.microbatch_size: must be > 0")
     _require(1 <= pipe.memory <= 4096, "pipeline.memory: must be in 1..4096")
     _require(1 <= pipe.min_nodes <= 4096, "pipeline.min_nodes: must be in 1..4096")
+    _require(pipe.planner in ("leader", "local"), f"pipeline.planner: {pipe.planner!r} is not one of leader, local")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protocol.errors import ProtocolError
+from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
 from trainer.swarm import Swarm, SwarmCallError
 
@@ -57,6 +58,8 @@ class PipelineSettings:
     reduce_timeout_s: float = 60.0
     retry_s: float = 0.5
     hop_attempts: int = 4
+    slot_wait_s: float = 2.0  # a forward waits this long for a free memory slot, then is refused
+    use_leader: bool = True  # follow the leader's published schedule when it fits the live swarm
 
 
 @dataclass
@@ -67,6 +70,7 @@ class PipelineReport:
     planned: list[list] = field(default_factory=list)  # data nodes: [iteration, mb, [[stage, node hex]...]]
     executed: list[list] = field(default_factory=list)
     served: list[list] = field(default_factory=list)  # stage nodes: [iteration, data node hex, mb]
+    plans: list[list] = field(default_factory=list)  # data nodes: [iteration, "leader" or "local", version]
     rerouted: int = 0
     skipped: int = 0
     resyncs: int = 0
@@ -159,10 +163,32 @@ class PipelineWorker:
 
     # ---- data node ---------------------------------------------------------------------------
 
+    async def _leader_paths(self, replicas: dict[int, list[bytes]]) -> tuple[list[list[Hop]], int] | None:
+        """The current leader's published paths for us and their version, if they still fit the swarm."""
+        live = [n for ids in replicas.values() for n in ids]
+        leader = min(live)
+        try:
+            records = await self.swarm.read(SCHEDULE_RECORD)
+        except (SwarmCallError, ValueError) as error:
+            logger.info("could not read the schedule: %s", error)
+            return None
+        body = records.get(leader)
+        paths = paths_from_schedule(body, self.me, replicas, self.settings.microbatches)
+        if paths is None:
+            return None
+        version = body.get("version") if isinstance(body, dict) else None
+        return paths, version if type(version) is int else 0
+
     async def _drive(self, k: int) -> None:
         replicas = await self._replicas()
-        paths = plan_paths(k, self.me, self.settings.microbatches, self.settings.num_stages,
-                           self.settings.path_length, self.settings.swap, replicas)
+        from_leader = await self._leader_paths(replicas) if self.settings.use_leader else None
+        if from_leader is not None:
+            paths, version = from_leader
+            self.report.plans.append([k, "leader", version])
+        else:
+            paths = plan_paths(k, self.me, self.settings.microbatches, self.settings.num_stages,
+                               self.settings.path_length, self.settings.swap, replicas)
+            self.report.plans.append([k, "local", 0])
         for m, path in enumerate(paths):
             self.report.planned.append([k, m, [[s, n.hex()] for s, n in path]])
         losses = await asyncio.gather(*(self._microbatch(k, m, path) for m, path in enumerate(paths)))
@@ -296,7 +322,12 @@ class PipelineWorker:
         if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
             logger.warning("fault injection: SIGKILL in the middle of iteration %d", key[0])
             os.kill(os.getpid(), signal.SIGKILL)
-        await self._slots.acquire()  # released by backward (or at the end of the iteration)
+        try:  # released by backward (or at the end of the iteration)
+            await asyncio.wait_for(self._slots.acquire(), self.settings.slot_wait_s)
+        except TimeoutError:
+            # Waiting longer could deadlock: paths in swapped order can each hold the slot the other
+            # needs. The data node retries, then goes to another replica or skips the stage.
+            raise PipelineError(f"memory full: {self.settings.memory} microbatches held here") from None
         x_in = x.detach().requires_grad_(True)
         began = time.perf_counter()
         try:

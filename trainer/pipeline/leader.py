@@ -1,0 +1,219 @@
+"""The pipeline leader: measures the live swarm, plans paths with the scheduler, publishes them signed.
+
+The leader is the live pipeline node with the smallest id (deterministic; when it dies the next
+smallest takes over as soon as its heartbeat expires). Every ``period_s`` it checks the swarm;
+when the live set changed, or measurements are older than ``remeasure_s``, it measures:
+- compute: each node's ``compute_ms_per_microbatch`` from its heartbeats;
+- links: it asks every node to probe every other (``pp.probe``: a ping for latency, an echo of
+  ``probe_bytes`` for bandwidth).
+It builds a scenario (one location per node), runs ``plan_schedule`` with the stage assignment the
+nodes already have, and publishes record ``pp.schedule``: {version, nodes: [ids], paths: {data
+node index: [[node index, ...] per microbatch]}}. Data nodes use the leader's paths while every
+node in them is live, and plan locally otherwise.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from trainer.pipeline.scenario import Link, Node, Scenario
+from trainer.pipeline.scheduler import SchedulerConfig, plan_schedule
+from trainer.swarm import Swarm, SwarmCallError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE_RECORD = "pp.schedule"
+MAX_PROBE_TARGETS = 256
+
+
+@dataclass(frozen=True)
+class LeaderSettings:
+    microbatches: int
+    microbatch_size: int
+    memory: int
+    path_length: int
+    num_stages: int
+    layers_per_stage: int
+    activation_bytes_per_sample: int
+    period_s: float = 2.0
+    remeasure_s: float = 60.0
+    probe_bytes: int = 64 << 10
+    plan_seconds: float = 5.0
+    plan_evaluations: int = 300
+    record_ttl_s: float = 120.0
+
+
+async def probe(swarm: Swarm, target: bytes, nbytes: int) -> tuple[float, float]:
+    """(latency ms, bandwidth GiB/s) to ``target``: half a ping's round trip, and an echo's extra time."""
+    began = time.perf_counter()
+    await swarm.call(target, "ping", {})
+    rtt = time.perf_counter() - began
+    payload = torch.zeros(nbytes // 4, dtype=torch.float32)
+    began = time.perf_counter()
+    await swarm.call(target, "echo", {}, {"probe": payload})
+    echo = time.perf_counter() - began
+    transfer = max(echo - rtt, 1e-6)
+    return 1000 * rtt / 2, 2 * payload.numel() * 4 / transfer / 2**30
+
+
+class Leader:
+    def __init__(self, swarm: Swarm, settings: LeaderSettings, stage: int):
+        self.swarm = swarm
+        self.stage = stage
+        self.me = swarm.my_id
+        self.settings = settings
+        self.version = 0
+        self.leading = False
+        self._live: tuple[bytes, ...] = ()
+        self._measured_at = 0.0
+        self._links: dict[tuple[bytes, bytes], tuple[float, float]] = {}
+        self.published: list[dict] = []  # what this node published, for reports
+        swarm.serve("pp.probe", self._on_probe)
+
+    async def _on_probe(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        targets = args.get("targets")
+        if not isinstance(targets, list) or len(targets) > MAX_PROBE_TARGETS or not all(
+                isinstance(t, bytes) and len(t) == 32 for t in targets):
+            from protocol.errors import MalformedMessage
+
+            raise MalformedMessage(f"targets must be a list of at most {MAX_PROBE_TARGETS} node ids")
+        results = []
+        for target in targets:
+            try:
+                latency, bandwidth = await probe(self.swarm, target, self.settings.probe_bytes)
+                results.append([target, latency, bandwidth])
+            except SwarmCallError:
+                results.append([target, -1.0, -1.0])
+        return {"results": results}, {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # a failed round must not end the node's leadership loop
+                logger.exception("leader round failed; trying again")
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.period_s)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        peers = [p for p in await self.swarm.peers(fresh=True) if p.stage is not None and p.role in ("data", "stage")]
+        live = tuple(sorted({p.id for p in peers} | {self.me}))
+        leading = min(live) == self.me
+        if leading != self.leading:
+            logger.info("pipeline leader: %s", "this node" if leading else min(live).hex()[:16])
+            self.leading = leading
+        if not leading:
+            return
+        stage_of = {p.id: p.stage for p in peers}
+        stage_of[self.me] = self.stage
+        if any(not any(s == stage for s in stage_of.values()) for stage in range(self.settings.num_stages)):
+            return  # a stage without a replica: data nodes plan around it themselves
+        stale = time.monotonic() - self._measured_at > self.settings.remeasure_s
+        if live == self._live and not stale:
+            return
+        await self._measure(live)
+        compute_ms = {p.id: float(p.metrics.get("compute_ms_per_microbatch", 0.0)) for p in peers}
+        scenario, ids = self._scenario(live, stage_of, compute_ms)
+        son = {i: stage_of[node] for i, node in enumerate(ids)}
+        result = await asyncio.to_thread(
+            plan_schedule, scenario, son,
+            SchedulerConfig(seed=self.version, time_budget_s=self.settings.plan_seconds,
+                            max_evaluations=self.settings.plan_evaluations))
+        paths: dict[int, list[list[int]]] = {}
+        for path in sorted(result.schedule.paths, key=lambda p: (p.data_node, p.microbatch)):
+            paths.setdefault(path.data_node, []).append([n for _, n in path.visits])
+        self.version += 1
+        body = {"version": self.version, "nodes": list(ids), "paths": [[d, ps] for d, ps in sorted(paths.items())],
+                "predicted_s": result.iteration_time}
+        if await self.swarm.publish(SCHEDULE_RECORD, body, self.settings.record_ttl_s):
+            self._live = live
+            self.published.append({"version": self.version, "nodes": [n.hex() for n in ids],
+                                   "paths": body["paths"], "predicted_s": result.iteration_time})
+            logger.info("published schedule v%d for %d nodes (simulated iteration %.2f s)", self.version, len(ids),
+                        result.iteration_time)
+
+    async def _measure(self, live: tuple[bytes, ...]) -> None:
+        async def ask(node: bytes) -> None:
+            targets = [t for t in live if t != node]
+            try:
+                if node == self.me:
+                    result, _ = await self._on_probe(self.me, {"targets": targets}, {})
+                else:
+                    result, _ = await self.swarm.call(node, "pp.probe", {"targets": targets})
+            except SwarmCallError as error:
+                logger.info("probe round from %s failed: %s", node.hex()[:12], error)
+                return
+            for item in result.get("results", [])[:MAX_PROBE_TARGETS]:
+                if isinstance(item, list) and len(item) == 3 and isinstance(item[0], bytes):
+                    target, latency, bandwidth = item
+                    if isinstance(latency, float) and isinstance(bandwidth, float) and latency >= 0 and bandwidth > 0:
+                        self._links[(node, target)] = (latency, bandwidth)
+
+        await asyncio.gather(*(ask(n) for n in live))
+        self._measured_at = time.monotonic()
+
+    def _scenario(self, live: tuple[bytes, ...], stage_of: dict[bytes, int],
+                  compute_ms: dict[bytes, float]) -> tuple[Scenario, list[bytes]]:
+        ids = sorted(live)
+        s = self.settings
+        known = [v for v in compute_ms.values() if v > 0]
+        default_ms = sum(known) / len(known) if known else 10.0
+        nodes = []
+        for i, node in enumerate(ids):
+            ms = compute_ms.get(node) or default_ms
+            per_layer_sample = ms / 1000 / max(1, s.layers_per_stage) / s.microbatch_size
+            nodes.append(Node(i, f"n{i}", per_layer_sample))
+        links = {}
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids)):
+                found = [self._links[k] for k in ((ids[a], ids[b]), (ids[b], ids[a])) if k in self._links]
+                latency = min((f[0] for f in found), default=1.0)
+                bandwidth = max((f[1] for f in found), default=0.1)
+                links[(f"n{a}", f"n{b}")] = Link(latency, bandwidth)
+        sizes = tuple(sum(1 for n in ids if stage_of[n] == st) for st in range(s.num_stages))
+        scenario = Scenario(
+            name="live", nodes=tuple(nodes), links=links, same_location_link=Link(0.05, 10.0), link_overhead_s=0.0,
+            stage_sizes=sizes, layers_per_stage=s.layers_per_stage, microbatches_per_data_node=s.microbatches,
+            samples_per_microbatch=s.microbatch_size, activation_bytes_per_sample=s.activation_bytes_per_sample,
+            memory_microbatches_per_node=s.memory, path_length=s.path_length, backward_factor=2.0, loss_factor=0.5)
+        return scenario, ids
+
+
+def paths_from_schedule(body: object, me: bytes, replicas: dict[int, list[bytes]],
+                        microbatches: int) -> list[list[tuple[int, bytes]]] | None:
+    """This data node's paths from a published schedule, or None when the schedule is malformed,
+    has no paths for us, or names a node that is no longer a live replica of its stage."""
+    if not isinstance(body, dict):
+        return None
+    nodes, table = body.get("nodes"), body.get("paths")
+    if not isinstance(nodes, list) or not isinstance(table, list) or not all(
+            isinstance(n, bytes) and len(n) == 32 for n in nodes):
+        return None
+    stage_of = {node: stage for stage, ids in replicas.items() for node in ids}
+    mine = None
+    for item in table:
+        if (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and 0 <= item[0] < len(nodes)
+                and nodes[item[0]] == me):
+            mine = item[1]
+    if not isinstance(mine, list) or len(mine) != microbatches:
+        return None
+    paths = []
+    for path in mine:
+        if not isinstance(path, list):
+            return None
+        hops = []
+        for index in path:
+            if type(index) is not int or not 0 <= index < len(nodes) or nodes[index] not in stage_of:
+                return None
+            node = nodes[index]
+            if stage_of[node] == 0:
+                return None
+            hops.append((stage_of[node], node))
+        paths.append(hops)
+    return paths
