@@ -71,11 +71,18 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
         period_s=node.timeouts.heartbeat_interval_s * 2), stage)
     # before the first iteration: min_nodes live and a replica of every stage, so that the replicas of
     # a stage reduce together from the start
+    waiting_since = time.monotonic()
     while not stop.is_set():
         replicas = await worker._replicas(fresh=True)
-        if all(replicas.get(s) for s in range(pipe.stages)) and sum(map(len, replicas.values())) >= pipe.min_nodes:
+        live = sum(map(len, replicas.values()))
+        missing = [s for s in range(pipe.stages) if not replicas.get(s)]
+        if not missing and live >= pipe.min_nodes:
             await worker._replicas(fresh=True)  # one more look: others may be a heartbeat behind us
             break
+        if time.monotonic() - waiting_since > 30:
+            waiting_since = time.monotonic()
+            logger.info("waiting to start: %d of pipeline.min_nodes=%d nodes live%s", live, pipe.min_nodes,
+                        f", no replica of stage(s) {missing}" if missing else "")
         await asyncio.sleep(settings.retry_s * 2)
     started = time.time()
 

@@ -142,7 +142,10 @@ def test_leader_killed_another_leads_and_training_goes_on(tmp_path):
     cluster = Cluster(tmp_path)
     try:
         nodes = start_swarm(cluster, tmp_path, spec_file(tmp_path, iterations=25))
-        wait_until(lambda: [n for n, p in nodes.items() if "published schedule" in p.output()], 120,
+        # training is under way (every node passed the start barrier, which waits for all six)
+        wait_until(lambda: all(iterations_done(nodes[n]) >= 3 for n in ("d0", "d1")), 180,
+                   what="3 iterations on the data nodes")
+        wait_until(lambda: [n for n, p in nodes.items() if "published schedule" in p.output()], 60,
                    what="a published schedule")
         leader = next(n for n, p in nodes.items() if "published schedule" in p.output())
         os.kill(nodes[leader].pid, signal.SIGKILL)
