@@ -298,5 +298,7 @@ def test_commit_log_chain_fork_and_file(tmp_path, keys):
     (tmp_path / "junk").write_bytes(b"not a log")
     with pytest.raises(LogFileError):
         CommitLog.load(tmp_path / "junk", RUN)
-    log.restart_at(10, b"\x01" * 32)
-    assert CommitLog.load(path, RUN).head_step == 10
+    # a log that starts at a snapshot remembers who committed before it and how many contributed
+    log.restart_at(10, b"\x01" * 32, public_key_bytes(keys[0]), 5)
+    again = CommitLog.load(path, RUN)
+    assert (again.head_step, again.base_committer, again.base_contributors) == (10, public_key_bytes(keys[0]), 5)

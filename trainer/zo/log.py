@@ -31,6 +31,10 @@ class CommitLog:
         self.run_id = run_id
         self.start = start
         self.base_prev = prev
+        # What the commit before ``start`` said, for a log that starts at a snapshot: who committed
+        # it and how many nodes contributed (the next committer and quorum follow from them).
+        self.base_committer: bytes | None = None
+        self.base_contributors = 0
         self.max_samples = max_samples
         self.commits: list[Commit] = []
         self.path = path
@@ -87,9 +91,11 @@ class CommitLog:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def restart_at(self, start: int, prev: bytes) -> None:
-        """Forget everything: the log continues from a snapshot at ``start`` whose head hash is ``prev``."""
+    def restart_at(self, start: int, prev: bytes, committer: bytes | None = None, contributors: int = 0) -> None:
+        """Forget everything: the log continues from a snapshot at ``start`` whose head hash is ``prev``;
+        ``committer`` and ``contributors`` describe the commit before it."""
         self.start, self.base_prev, self.commits = start, prev, []
+        self.base_committer, self.base_contributors = committer, contributors
         if self.path is not None:
             self._write_header()
 
@@ -97,7 +103,8 @@ class CommitLog:
 
     def _write_header(self) -> None:
         assert self.path is not None
-        header = wire.pack({"run": self.run_id, "start": self.start, "prev": self.base_prev})
+        header = wire.pack({"run": self.run_id, "start": self.start, "prev": self.base_prev,
+                            "committer": self.base_committer, "contributors": self.base_contributors})
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(_MAGIC + _LEN.pack(len(header)) + header)
@@ -124,6 +131,11 @@ class CommitLog:
         if header["run"] != run_id:
             raise LogFileError(f"{path} is the log of another run")
         log = cls(run_id, start, prev, None, max_samples)
+        committer, contributors = header.get("committer"), header.get("contributors", 0)
+        if isinstance(committer, bytes) and len(committer) == 32:
+            log.base_committer = committer
+        if type(contributors) is int and contributors >= 0:
+            log.base_contributors = contributors
         pos += 4 + n
         while pos < len(data):
             if pos + 4 > len(data):

@@ -214,7 +214,7 @@ class ZOWorker:
 
     def _last_committer(self) -> bytes | None:
         last = self.log.get(self.log.head_step - 1)
-        return last.committer if last is not None else None
+        return last.committer if last is not None else self.log.base_committer
 
     async def committer(self, fresh: bool = False) -> bytes:
         """The signer of our last commit while it is live, else the live node with the smallest id."""
@@ -371,8 +371,11 @@ class ZOWorker:
         nodes dying one at a time still leave a majority of the last set."""
         prev = self.log.get(step - 1)
         if prev is None:
-            return self.settings.min_nodes if step == 0 else 1
-        n = len({c.sender for c in prev.contributions})
+            if step == 0:
+                return self.settings.min_nodes
+            n = self.log.base_contributors  # our log starts at a snapshot
+        else:
+            n = len({c.sender for c in prev.contributions})
         return n // 2 + 1 if n >= 3 else 1
 
     def _awaited(self, live: set[bytes]) -> set[bytes]:
@@ -525,6 +528,9 @@ class ZOWorker:
             step = wire.require_int(result.get("step"), "step", 0)
             head = wire.require_bytes(result.get("head"), "head", length=HASH_BYTES)
             claimed = wire.require_bytes(result.get("hash"), "hash", length=HASH_BYTES)
+            committer = result.get("committer")
+            committer = wire.require_bytes(committer, "committer", length=32) if committer is not None else None
+            contributors = wire.require_int(result.get("contributors", 0), "contributors", 0, 1 << 20)
         except (SwarmCallError, ProtocolError) as error:
             logger.warning("snapshot from %s failed: %s", peer.hex()[:12], error)
             return
@@ -539,7 +545,7 @@ class ZOWorker:
                 self.replica.load_state(before)
                 logger.warning("snapshot from %s does not match the hash it claims; ignored", peer.hex()[:12])
                 return
-            self.log.restart_at(step, head)
+            self.log.restart_at(step, head, committer, contributors)
             self._inbox.clear()
             self._own.clear()
             await asyncio.to_thread(self._write_snapshot)
@@ -662,7 +668,10 @@ class ZOWorker:
     async def _on_snapshot(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         async with self._lock:
             state = self.replica.state()
-            info = {"step": self.log.head_step, "head": self.log.head_hash, "hash": self.replica.weights_hash()}
+            last = self.log.get(self.log.head_step - 1)
+            info = {"step": self.log.head_step, "head": self.log.head_hash, "hash": self.replica.weights_hash(),
+                    "committer": self._last_committer(),
+                    "contributors": len({c.sender for c in last.contributions}) if last else self.log.base_contributors}
         return info, state
 
 
