@@ -369,26 +369,22 @@ def cmd_node(args: argparse.Namespace) -> int:
                 from node.pipeline_node import run_pipeline_worker
 
                 report = Path(args.report) if getattr(args, "report", None) else None
-                worker = asyncio.create_task(run_pipeline_worker(node, stop, report, getattr(args, "fault", None)))
-                await node.run(stop)
-                if worker.done():
-                    worker.result()
-                else:
-                    worker.cancel()
-                return
-            if not zo:
-                await node.run(stop)
-                return
-            from node.zo_node import run_zo_worker
+                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None))
+            elif zo:
+                from node.zo_node import run_zo_worker
 
-            report = Path(args.zo_report) if getattr(args, "zo_report", None) else None
-            worker = asyncio.create_task(run_zo_worker(node, stop, config.base_weights, config.zo_join, report,
-                                                       getattr(args, "zo_fault", None)))
-            await node.run(stop)
-            if worker.done():
-                worker.result()  # a failed worker's error reaches the user
+                report = Path(args.zo_report) if getattr(args, "zo_report", None) else None
+                worker = run_zo_worker(node, stop, config.base_weights, config.zo_join, report,
+                                       getattr(args, "zo_fault", None))
             else:
-                worker.cancel()
+                await node.run(stop)
+                return
+            task = asyncio.create_task(worker)  # it sets stop when the run's work is done
+            await node.run(stop)
+            if task.done():
+                task.result()  # a failed worker's error reaches the user
+            else:
+                task.cancel()
 
         asyncio.run(serve())
     finally:

@@ -3,14 +3,12 @@ skip pipeline (stage i % S for node i; stage 0 nodes are the data nodes)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from node.zo_demo import DemoError, _first_maddr, _start
+from node.zo_demo import DemoError, _first_maddr, _start, read_reports, stop_processes
 
 PROGRESS_EVERY_S = 5.0
 
@@ -52,22 +50,9 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
                 last = time.monotonic()
                 progress(procs[1:])
             time.sleep(0.5)
-        reports = []
-        for i, proc in enumerate(procs[1:]):
-            path = workdir / f"node{i}.json"
-            if not path.exists():
-                raise DemoError(f"{proc.name} exited with {proc.popen.returncode} and no report:\n{proc.text()[-3000:]}")
-            reports.append(json.loads(path.read_text()))
-        return reports
+        return read_reports(procs[1:], [workdir / f"node{i}.json" for i in range(nodes)])
     finally:
-        for proc in procs:
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
+        stop_processes(procs)
 
 
 def summarize_pipeline(reports: list[dict], stages: int) -> dict:

@@ -115,25 +115,35 @@ def run_local_swarm(workdir: Path, spec: Path, base: Path, nodes: int, timeout_s
             time.sleep(0.5)
         else:
             raise DemoError(f"the swarm did not finish within {timeout_s:.0f} s; logs are in {workdir}")
-        found = []
-        for proc, report in zip(procs[1:], reports):
-            if not report.exists():
-                raise DemoError(f"{proc.name} exited with {proc.popen.returncode} and no report:\n{proc.text()[-3000:]}")
-            found.append(json.loads(report.read_text()))
-        return found
+        return read_reports(procs[1:], reports)
     finally:
-        for proc in procs:
-            if proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_processes(procs)
+
+
+def read_reports(procs: list[_Proc], paths: list[Path]) -> list[dict]:
+    """Each node's JSON report; a node that left none is an error that shows its log's tail."""
+    found = []
+    for proc, path in zip(procs, paths):
+        if not path.exists():
+            raise DemoError(f"{proc.name} exited with {proc.popen.returncode} and no report:\n{proc.text()[-3000:]}")
+        found.append(json.loads(path.read_text()))
+    return found
+
+
+def stop_processes(procs: list[_Proc]) -> None:
+    """SIGTERM every process, then SIGKILL its whole session (p2pd and DHT children included)."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def summarize(reports: list[dict], nodes: int) -> dict:

@@ -108,8 +108,7 @@ def test_quantizer_unbiased(g):
 def test_trimmed_drops_the_extremes_and_clip_bounds_them():
     g = [0.5, -0.2, 64.0, 0.1]
     scalars, kept = Aggregation("trimmed", 0.25).combine(g)
-    assert kept == 2 and scalars == [0.0, 0.0, 0.0, 0.1] or scalars == [0.5, 0.0, 0.0, 0.1]
-    assert 64.0 not in scalars and -0.2 not in scalars
+    assert kept == 2 and scalars == [0.5, 0.0, 0.0, 0.1]  # the smallest (-0.2) and largest (64) dropped
     clipped, kept = Aggregation("clip", clip_factor=3.0).combine(g)
     center = statistics.median(g)
     assert kept == 4 and max(clipped) < 5.0 and clipped[0] == 0.5 and min(clipped) >= center - 5.0
