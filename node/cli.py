@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
     node.add_argument("--report", default=None, metavar="FILE",
                       help="pipeline mode: write a JSON report (losses, paths, weight hashes) here when done")
+    node.add_argument("--emulate-links", default=None, metavar="FILE",
+                      help="one-machine runs: delay this node's RPC messages as the links of a scenario would "
+                           "(JSON: scenario, time_scale, bytes_scale, locations by public name; see docs/pipeline.md)")
     node.add_argument("--zo-fault", default=None, help=argparse.SUPPRESS)  # tests only: see node.zo_node.parse_fault
     node.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests only: node.pipeline_node.parse_fault
 
@@ -159,7 +162,8 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 _NODE_FLAGS = ("run", "data_dir", "initial_peers", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
-               "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join")
+               "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join",
+               "emulate_links")
 
 
 # ---- commands --------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ class NodeConfig:
     token: str = ""  # join token text for a private run
     base_weights: str = ""  # zo mode: file of the run's base weights (torch.save state dict); "" = from the seed
     zo_join: str = "auto"  # zo mode: catch up by replaying the commit log, by a snapshot, or whichever is cheaper
+    emulate_links: str = ""  # link emulation file for one-machine runs (node/linkemu.py); "" = none
     log_format: str = "plain"
     log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)

@@ -305,20 +305,24 @@ async def _fetch_stage(rpc, stage: int, replicas: list, expected: dict) -> tuple
     from hivemind.p2p import PeerID
 
     from node.rpc import RpcError
+    from trainer.pipeline.runtime import PipelineError, fetch_state
 
     reasons = []
     for member in replicas:
-        try:
-            sender, result, state = await rpc.call(PeerID.from_base58(member.announcement.peer_id), "pp.state", {})
+        async def call(args: dict, member=member) -> tuple[dict, dict]:
+            sender, result, tensors = await rpc.call(PeerID.from_base58(member.announcement.peer_id), "pp.state", args)
             if sender != member.public_key:
                 raise ValueError("it answered with another node's key")
-            iteration = result.get("iteration")
-            if type(iteration) is not int or iteration < 0:
+            return result, tensors
+
+        try:
+            iteration, state = await fetch_state(call, weights_only=True)
+            if iteration < 0:
                 raise ValueError(f"bad iteration {iteration!r}")
             weights = stage_weights(state)
             check_stage_state(expected, weights)
             return iteration, weights, member.id
-        except (RpcError, ValueError) as error:
+        except (RpcError, ValueError, PipelineError) as error:
             reasons.append(f"{member.id[:12]}: {error}")
     raise SwarmStateError(f"stage {stage}: none of its {len(replicas)} live replicas gave valid weights "
                         f"({'; '.join(reasons)[:400]})")

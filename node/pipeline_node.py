@@ -54,21 +54,22 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     await node.online.wait()
     assert node.role is not None and node.role.stage is not None
     stage = node.role.stage
-    module = await asyncio.to_thread(stage_module, spec, stage)
+    module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
     data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
     pipe = spec.pipeline
     settings = PipelineSettings(num_stages=pipe.stages, path_length=pipe.path_length, swap=pipe.swap,
                                 microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
-                                use_leader=pipe.planner == "leader")
+                                use_leader=pipe.planner == "leader",
+                                activation_dtype=getattr(torch, pipe.activation_dtype))
     swarm = HivemindSwarm(node)
     worker = PipelineWorker(swarm, stage, module, settings, data, **parse_fault(fault))
     cfg = ModelConfig.from_preset(spec.model.preset)
     leader = Leader(swarm, LeaderSettings(
         microbatches=pipe.microbatches, microbatch_size=pipe.microbatch_size, memory=pipe.memory,
         path_length=pipe.path_length, num_stages=pipe.stages, layers_per_stage=max(1, cfg.n_layers // pipe.stages),
-        activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * 4,
-        period_s=node.timeouts.heartbeat_interval_s * 2), stage)
+        activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * getattr(torch, pipe.activation_dtype).itemsize,
+        period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule), stage)
     # before the first iteration: min_nodes live and a replica of every stage, so that the replicas of
     # a stage reduce together from the start
     waiting_since = time.monotonic()

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from node.config import Timeouts
+from node.linkemu import LinkShaper
 from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, ReplayGuard, Sequencer, open_envelope, seal
 from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, TensorShapeMismatch
@@ -201,6 +202,7 @@ class RpcEndpoint:
         self._seq = Sequencer()
         self._handlers: dict[str, Handler] = {}
         self.stats = RpcStats()
+        self.shaper: LinkShaper | None = None  # link emulation for one-machine runs (node/linkemu.py)
         self._my_peer_id = str(p2p.peer_id)
         self._active: dict[PeerID, int] = {}  # calls in flight per peer
         self._total_active = 0
@@ -211,6 +213,11 @@ class RpcEndpoint:
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(PROTOCOL_NAME, self._serve)
+
+    async def _hold(self, peer: PeerID, nbytes: int) -> None:
+        """Under link emulation, wait as long as the emulated link to ``peer`` takes for ``nbytes``."""
+        if self.shaper is not None:
+            await self.shaper.hold(str(peer), _LENGTH_BYTES + nbytes)
 
     def _seal(self, kind: str, body: dict) -> bytes:
         return seal(self._key, kind=kind, run_id=self.run_id, body=body, seq=self._seq.next(), timestamp=self._clock())
@@ -267,6 +274,7 @@ class RpcEndpoint:
                 logger.error("rpc handler %s returned an unsendable result: %s", method, error)
                 await self._refuse(peer, writer, "InternalError", "the handler's result cannot be sent")
                 return
+            await self._hold(peer, len(reply) + sum(len(p) for p in payloads))
             async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
                 await _write_frame(writer, reply)
                 sent = await _write_payloads(writer, payloads)
@@ -334,6 +342,7 @@ class RpcEndpoint:
         except (TimeoutError, ConnectionError, OSError, P2PDaemonError) as error:
             raise RpcError(f"cannot reach {peer_id}: {type(error).__name__} {error}") from None
         try:
+            await self._hold(peer_id, len(request) + sum(len(p) for p in payloads))
             async with asyncio.timeout(self.timeouts.transfer_s(sum(len(p) for p in payloads))):
                 await _write_frame(writer, request)
                 self.stats.sent += _LENGTH_BYTES + len(request) + await _write_payloads(writer, payloads)

@@ -15,6 +15,7 @@ from node import __version__
 from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
+from node.linkemu import LinkShaper, load_emulation
 from node.membership import Member, derive_members, diff_events
 from node.roles import RoleChoice, choose_role, reconsider_stage
 from node.rpc import CallContext, Handler, RpcEndpoint
@@ -128,6 +129,7 @@ class Node:
         self._averaging: GroupAveraging | None = None
         self.handlers: dict[str, Handler] = {"ping": self._handle_ping, "echo": self._handle_echo}
         self.online = asyncio.Event()  # set once the node has announced itself ONLINE
+        self.emulation = load_emulation(config.emulate_links) if config.emulate_links else None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -197,6 +199,11 @@ class Node:
         assert self.swarm is not None
         p2p = await self.swarm.p2p()
         self.rpc = RpcEndpoint(p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time)
+        if self.emulation is not None:
+            self.rpc.shaper = LinkShaper(self.emulation, self.config.public_name, self._public_name_of)
+            logger.info("link emulation: %s at %s, time x%g, bytes x%g", self.emulation.scenario.name,
+                        self.rpc.shaper.my_location or "no location (not delayed)", self.emulation.time_scale,
+                        self.emulation.bytes_scale)
         for method, handler in self.handlers.items():
             self.rpc.register(method, handler)
         await self.rpc.start()
@@ -318,6 +325,12 @@ class Node:
             await self.swarm.store(EVENTS, Event.KIND, {"events": [e.to_body() for e in recent]},
                                    self.timeouts.announce_ttl_s)
         return members
+
+    def _public_name_of(self, peer_id: str) -> str | None:
+        for member in self.view.members.values():
+            if member.announcement.peer_id == peer_id:
+                return member.announcement.public_name
+        return None
 
     # ---- RPC handlers ------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, public_key_bytes, s
 SPEC_DOMAIN = b"swarmtrain/runspec/v1\x00"
 RUN_ID_BYTES = 16
 MODES = ("pipeline", "zo", "experts")
+SCHEDULES = ("skip", "full", "random_skip")
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 ACCESS = ("public", "private")
 SWAPS = ("none", "checkfree_plus")
 MAX_STAGES = 1024
@@ -73,6 +75,8 @@ class PipelineSection:
     memory: int = 4  # microbatches whose activations a node holds at once (forward to backward)
     min_nodes: int = 1  # the first iteration waits until this many nodes are live (and every stage has one)
     planner: str = "leader"  # leader: measured, scheduled paths; local: each data node round-robins, network-blind
+    schedule: str = "skip"  # what the leader plans: skip (the scheduler), or the baselines full and random_skip
+    activation_dtype: str = "float32"  # activations and their gradients between stages: float32, bfloat16, float16
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,9 @@ def check_spec(spec: RunSpec) -> None:
     _require(1 <= pipe.memory <= 4096, "pipeline.memory: must be in 1..4096")
     _require(1 <= pipe.min_nodes <= 4096, "pipeline.min_nodes: must be in 1..4096")
     _require(pipe.planner in ("leader", "local"), f"pipeline.planner: {pipe.planner!r} is not one of leader, local")
+    _require(pipe.schedule in SCHEDULES, f"pipeline.schedule: {pipe.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _require(pipe.activation_dtype in ACTIVATION_DTYPES,
+             f"pipeline.activation_dtype: {pipe.activation_dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(

@@ -13,12 +13,13 @@ from protocol.runspec import dumps_spec, make_spec
 from tests.harness import Cluster, wait_until
 
 ITERATIONS = 12
+LOCATIONS = {"d0": "Belgium", "d1": "Canada", "s1a": "Germany", "s1b": "Australia", "s2a": "Belgium", "s2b": "Japan"}
 
 
-def spec_file(tmp_path, iterations: int = ITERATIONS, planner: str = "leader"):
+def spec_file(tmp_path, iterations: int = ITERATIONS, planner: str = "leader", **extra):
     spec = make_spec("pipeline", "tiny", generate_private_key(), name="pp-test", stages=3, path_length=3,
                      microbatches=4, microbatch_size=4, seq_len=64, memory=4, steps=iterations, lr=3e-3,
-                     min_nodes=6, planner=planner,
+                     min_nodes=6, planner=planner, **extra,
                      domains=["arithmetic"], swap="none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0)
     path = tmp_path / "run.toml"
     path.write_text(dumps_spec(spec))
@@ -31,7 +32,8 @@ def start_swarm(cluster, tmp_path, spec, extra: dict[str, list[str]] | None = No
              "s2a": ["--stage", "2"], "s2b": ["--stage", "2"]}
     return {name: cluster.start(name, "node", "--run", str(spec), "--data-dir", str(tmp_path / name),
                                 "--initial-peers", peer, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu",
-                                "--report", str(tmp_path / f"{name}.json"), *args, *(extra or {}).get(name, []))
+                                "--report", str(tmp_path / f"{name}.json"), "--public-name", name, *args,
+                                *(extra or {}).get(name, []))
             for name, args in roles.items()}
 
 
@@ -150,7 +152,13 @@ def test_leader_killed_another_leads_and_training_goes_on(tmp_path):
 
     cluster = Cluster(tmp_path)
     try:
-        nodes = start_swarm(cluster, tmp_path, spec_file(tmp_path, iterations=25))
+        # bf16 activations, and links emulated from gcp20 at a tenth of its latency
+        emulation = tmp_path / "links.json"
+        emulation.write_text(json.dumps({"scenario": "skippipe_gcp20", "time_scale": 0.1, "bytes_scale": 0.1,
+                                         "locations": LOCATIONS}))
+        links = ["--emulate-links", str(emulation)]
+        nodes = start_swarm(cluster, tmp_path, spec_file(tmp_path, iterations=25, activation_dtype="bfloat16"),
+                            extra={name: links for name in LOCATIONS})
         # training is under way (every node passed the start barrier, which waits for all six)
         wait_until(lambda: all(iterations_done(nodes[n]) >= 3 for n in ("d0", "d1")), 180,
                    what="3 iterations on the data nodes")
@@ -176,3 +184,16 @@ def test_leader_killed_another_leads_and_training_goes_on(tmp_path):
     assert any(source == "leader" and version in versions and it >= 20
                for r in data for it, source, version in r["plans"]), [r["plans"] for r in data]
     assert successor != nodes[leader].name
+    # every hop ran: bf16 activations were accepted everywhere
+    assert all(len(path) == 2 for r in data for _, _, path in r["executed"])
+    # the leader's probes measured the emulated latencies (half a ping's round trip)
+    from node.linkemu import emulation_from_dict
+
+    emulated = emulation_from_dict(json.loads(emulation.read_text()))
+    name_of = {r["node"]: n for n, r in reports.items()}
+    measured = [(name_of[a], name_of[b], latency) for a, b, latency, _ in reports[new[0]]["published"][-1]["links"]
+                if a in name_of and b in name_of]
+    assert len(measured) >= 10
+    for a, b, latency in measured:
+        want = 1000 * emulated.link(LOCATIONS[a], LOCATIONS[b]).latency_s
+        assert 0.9 * want < latency < want + 150, (a, b, latency, want)

@@ -95,6 +95,34 @@ def test_exchange_64mib_fp32_and_bf16_bit_exact(private_swarm):
     assert torch.equal(tensors["half"].view(torch.int16), half.view(torch.int16))
 
 
+def test_link_emulation_delays_calls_on_the_real_transport(private_swarm):
+    """The caller's shaper holds each request as the emulated link would: a 256 KiB echo to a
+    node 'in Australia' from one 'in Belgium' takes that link's latency and transfer time longer."""
+    from node.linkemu import LinkShaper, emulation_from_dict
+
+    env = private_swarm
+    emulation = emulation_from_dict({"scenario": "skippipe_gcp20", "time_scale": 1.0, "bytes_scale": 1.0,
+                                     "locations": {"client": "Belgium", "server": "Australia"}})
+    payload = torch.zeros(64 << 10)  # 256 KiB
+    link = emulation.link("Belgium", "Australia")
+    expected = link.seconds(payload.numel() * 4)  # ~0.5 s of latency and overhead, ~25 ms on the wire
+
+    async def timed(shaped: bool) -> float:
+        endpoint = await _endpoint(env, token=env["client_token"])
+        if shaped:
+            server = str(env["server_peer"])
+            endpoint.shaper = LinkShaper(emulation, "client", {server: "server"}.get)
+        began = time.perf_counter()
+        await endpoint.call(env["server_peer"], "echo", {}, {"p": payload})
+        return time.perf_counter() - began
+
+    plain = min(env["run"](timed(False)) for _ in range(2))
+    shaped = env["run"](timed(True))
+    assert expected > 0.4
+    assert shaped - plain > 0.9 * expected, (plain, shaped, expected)
+    assert shaped < plain + expected + 1.0, (plain, shaped, expected)
+
+
 async def _raw_call(env, frame: bytes, tail: bytes = b"") -> str:
     """Send raw bytes on an RPC stream and return the error kind of the reply ('' when it succeeded)."""
     p2p = await env["client"].p2p()

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.pipeline.baselines import full_pipeline_schedule, random_skip_schedule
 from trainer.pipeline.scenario import Link, Node, Scenario
+from trainer.pipeline.schedule import Schedule
 from trainer.pipeline.scheduler import SchedulerConfig, plan_schedule
+from trainer.pipeline.simulator import simulate
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class LeaderSettings:
     plan_seconds: float = 5.0
     plan_evaluations: int = 300
     record_ttl_s: float = 120.0
+    policy: str = "skip"  # skip: the scheduler; full or random_skip: the baselines, for comparisons
 
 
 async def probe(swarm: Swarm, target: bytes, nbytes: int) -> tuple[float, float]:
@@ -121,22 +125,34 @@ class Leader:
         compute_ms = {p.id: float(p.metrics.get("compute_ms_per_microbatch", 0.0)) for p in peers}
         scenario, ids = self._scenario(live, stage_of, compute_ms)
         son = {i: stage_of[node] for i, node in enumerate(ids)}
-        result = await asyncio.to_thread(
-            plan_schedule, scenario, son,
-            SchedulerConfig(seed=self.version, time_budget_s=self.settings.plan_seconds,
-                            max_evaluations=self.settings.plan_evaluations))
+        schedule, predicted = await asyncio.to_thread(self._plan, scenario, son)
         paths: dict[int, list[list[int]]] = {}
-        for path in sorted(result.schedule.paths, key=lambda p: (p.data_node, p.microbatch)):
+        for path in sorted(schedule.paths, key=lambda p: (p.data_node, p.microbatch)):
             paths.setdefault(path.data_node, []).append([n for _, n in path.visits])
         self.version += 1
         body = {"version": self.version, "nodes": list(ids), "paths": [[d, ps] for d, ps in sorted(paths.items())],
-                "predicted_s": result.iteration_time}
+                "predicted_s": predicted, "policy": self.settings.policy}
         if await self.swarm.publish(SCHEDULE_RECORD, body, self.settings.record_ttl_s):
             self._live = live
             self.published.append({"version": self.version, "nodes": [n.hex() for n in ids],
-                                   "paths": body["paths"], "predicted_s": result.iteration_time})
-            logger.info("published schedule v%d for %d nodes (simulated iteration %.2f s)", self.version, len(ids),
-                        result.iteration_time)
+                                   "paths": body["paths"], "predicted_s": predicted, "at": time.time(),
+                                   "links": [[a.hex(), b.hex(), lat, bw] for (a, b), (lat, bw) in self._links.items()
+                                             if a in live and b in live]})
+            logger.info("published schedule v%d for %d nodes (%s; simulated iteration %.2f s)", self.version,
+                        len(ids), self.settings.policy, predicted)
+
+    def _plan(self, scenario: Scenario, son: dict[int, int]) -> tuple[Schedule, float]:
+        """The schedule of the run's policy over the live nodes, and its simulated iteration time."""
+        if self.settings.policy == "full":
+            schedule = full_pipeline_schedule(scenario, son)
+        elif self.settings.policy == "random_skip":
+            schedule = random_skip_schedule(scenario, seed=self.version, stage_of_node=son)
+        else:
+            result = plan_schedule(scenario, son, SchedulerConfig(
+                seed=self.version, time_budget_s=self.settings.plan_seconds,
+                max_evaluations=self.settings.plan_evaluations))
+            return result.schedule, result.iteration_time
+        return schedule, simulate(scenario, schedule).iteration_time
 
     async def _measure(self, live: tuple[bytes, ...]) -> None:
         async def ask(node: bytes) -> None:

@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +60,7 @@ class PipelineSettings:
     hop_attempts: int = 4
     slot_wait_s: float = 2.0  # a forward waits this long for a free memory slot, then is refused
     use_leader: bool = True  # follow the leader's published schedule when it fits the live swarm
+    activation_dtype: torch.dtype = torch.float32  # activations and their gradients on the wire
 
 
 @dataclass
@@ -78,6 +79,31 @@ class PipelineReport:
     compute_s: float = 0.0  # forward and backward time of this node's stage
     microbatches: int = 0  # microbatches whose forward ran here
     tokens: int = 0  # data nodes: tokens trained on
+
+
+STATE_PART_TENSORS = 48  # tensors per pp.state answer, under the RPC's limit of 64
+
+
+async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weights_only: bool = False,
+                      attempts: int = 3) -> tuple[int, dict[str, torch.Tensor]]:
+    """(iteration, state) from a node's ``pp.state``, part by part; ``call(args)`` makes one call.
+    Parts of different versions (the node stepped in between) are fetched again."""
+    for _ in range(attempts):
+        first, state = await call({"part": 0, "weights_only": weights_only})
+        parts, version, iteration = first.get("parts"), first.get("version"), first.get("iteration")
+        if type(parts) is not int or not 1 <= parts <= 4096 or type(version) is not int or type(iteration) is not int:
+            raise PipelineError("pp.state answered without integer parts, version and iteration")
+        state = dict(state)
+        for part in range(1, parts):
+            result, more = await call({"part": part, "weights_only": weights_only})
+            if result.get("version") != version:
+                break
+            if set(more) & set(state):
+                raise PipelineError("pp.state parts overlap")
+            state.update(more)
+        else:
+            return iteration, state
+    raise PipelineError(f"the state changed during each of {attempts} fetches")
 
 
 def weights_hash(module: torch.nn.Module) -> bytes:
@@ -100,6 +126,7 @@ class PipelineWorker:
         self.settings = settings
         self.data = data
         self.die_after_forwards = die_after_forwards
+        self.device = next(module.parameters()).device
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
         self.report = PipelineReport()
         self.iteration = 0
@@ -113,6 +140,8 @@ class PipelineWorker:
         self._reduce_event = asyncio.Event()
         self._reduce_result: dict[int, asyncio.Future] = {}
         self._reduce_calls = 0  # pp.reduce calls being answered right now
+        self._version = 0  # changes whenever the weights or optimizer state do
+        self._state_cache: tuple[tuple[int, bool], dict[str, torch.Tensor]] | None = None
         for method, handler in (("pp.forward", self._on_forward), ("pp.backward", self._on_backward),
                                 ("pp.done", self._on_done), ("pp.reduce", self._on_reduce),
                                 ("pp.state", self._on_state)):
@@ -208,6 +237,7 @@ class PipelineWorker:
     async def _microbatch(self, k: int, m: int, path: list[Hop]) -> float | None:
         async with self._slots:
             tokens, targets = next(self.data)
+            tokens, targets = tokens.to(self.device), targets.to(self.device)
             began = time.perf_counter()
             x0 = self.module.start(tokens)
             self.report.compute_s += time.perf_counter() - began
@@ -223,10 +253,10 @@ class PipelineWorker:
                 done.append(hop)
             self.report.executed.append([k, m, [[s, n.hex()] for s, n in done]])
             began = time.perf_counter()
-            x_last = x.detach().requires_grad_(True)
+            x_last = self._receive(x).requires_grad_(True)
             _, loss = self.module.finish(x_last, targets)
             loss.backward()
-            grad = x_last.grad
+            grad = self._wire(x_last.grad)
             self.report.compute_s += time.perf_counter() - began
             for stage, node in reversed(done):
                 try:
@@ -239,7 +269,7 @@ class PipelineWorker:
                     break
             if grad is not None:
                 began = time.perf_counter()
-                x0.backward(grad)
+                x0.backward(self._receive(grad))
                 self.report.compute_s += time.perf_counter() - began
                 self._count += 1
             self.report.tokens += tokens.numel()
@@ -254,7 +284,8 @@ class PipelineWorker:
         for attempt in range(self.settings.hop_attempts):
             for candidate in candidates:
                 try:
-                    _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m}, {"x": x})
+                    _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m},
+                                                   {"x": self._wire(x)})
                     if candidate != node:
                         self.report.rerouted += 1
                     return (stage, candidate), out["x"]
@@ -268,6 +299,14 @@ class PipelineWorker:
             candidates = sorted(live, key=lambda n: (n != node, n))
             await asyncio.sleep(self.settings.retry_s * (attempt + 1))
         return None
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """What goes on the wire: the activation dtype, on the CPU (the RPC sends host bytes)."""
+        return t.detach().to(device="cpu", dtype=self.settings.activation_dtype)
+
+    def _receive(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor off the wire, as this stage computes with it: float32 on the stage's device."""
+        return t.detach().to(device=self.device, dtype=torch.float32)
 
     # ---- stage node --------------------------------------------------------------------------
 
@@ -314,11 +353,12 @@ class PipelineWorker:
             raise PipelineError("stage 0 does not serve hops")
         key = self._key(sender, args)
         x = tensors.get("x")
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != torch.float32:
-            raise PipelineError("x must be a float32 (batch, time, d_model) tensor")
+        wire = self.settings.activation_dtype
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != wire:
+            raise PipelineError(f"x must be a {wire} (batch, time, d_model) tensor")
         await self._at_iteration(sender, key[0])
         if key in self._cache:  # a retry after a lost reply: the same output again
-            return {}, {"x": self._cache[key][1].detach()}
+            return {}, {"x": self._wire(self._cache[key][1])}
         if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
             logger.warning("fault injection: SIGKILL in the middle of iteration %d", key[0])
             os.kill(os.getpid(), signal.SIGKILL)
@@ -328,7 +368,7 @@ class PipelineWorker:
             # Waiting longer could deadlock: paths in swapped order can each hold the slot the other
             # needs. The data node retries, then goes to another replica or skips the stage.
             raise PipelineError(f"memory full: {self.settings.memory} microbatches held here") from None
-        x_in = x.detach().requires_grad_(True)
+        x_in = self._receive(x).requires_grad_(True)
         began = time.perf_counter()
         try:
             y = self.module(x_in)
@@ -339,7 +379,7 @@ class PipelineWorker:
         self.report.microbatches += 1
         self._cache[key] = (x_in, y)
         self.report.served.append([key[0], sender.hex(), key[2]])
-        return {}, {"x": y.detach()}
+        return {}, {"x": self._wire(y)}
 
     async def _on_backward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         key = self._key(sender, args)
@@ -349,13 +389,13 @@ class PipelineWorker:
         self._slots.release()
         x_in, y = entry
         grad = tensors.get("grad")
-        if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != y.dtype:
-            raise PipelineError("grad must match the forward output's shape and dtype")
+        if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != self.settings.activation_dtype:
+            raise PipelineError("grad must match the forward output's shape and the run's activation dtype")
         began = time.perf_counter()
-        y.backward(grad)
+        y.backward(self._receive(grad))
         self.report.compute_s += time.perf_counter() - began
         self._count += 1
-        return {}, {"grad": x_in.grad}
+        return {}, {"grad": self._wire(x_in.grad)}
 
     async def _on_done(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         k = args.get("iteration")
@@ -367,15 +407,16 @@ class PipelineWorker:
     # ---- reducing ----------------------------------------------------------------------------
 
     def _grads(self) -> dict[str, torch.Tensor]:
-        return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+        return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu")
                 for name, p in self.module.named_parameters()}
 
     def _step(self, averaged: dict[str, torch.Tensor]) -> None:
         for name, p in self.module.named_parameters():
-            p.grad = averaged[name].clone()
+            p.grad = averaged[name].to(p.device, copy=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count = 0
+        self._version += 1
 
     async def _reduce_and_step(self, k: int) -> None:
         # leftover slots of microbatches whose backward never came are freed before the reduce
@@ -469,13 +510,15 @@ class PipelineWorker:
             return {"skip": True, "resync": resync}, {}
         return {"skip": False, "resync": resync}, averaged
 
-    def full_state(self) -> dict[str, torch.Tensor]:
+    def full_state(self, weights_only: bool = False) -> dict[str, torch.Tensor]:
         """Weights and optimizer state as named tensors: what makes two replicas identical."""
-        out = {f"w/{name}": t.detach().clone() for name, t in self.module.state_dict().items()}
+        out = {f"w/{name}": t.detach().to("cpu", copy=True) for name, t in self.module.state_dict().items()}
+        if weights_only:
+            return out
         index = {id(p): name for name, p in self.module.named_parameters()}
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
-                out[f"o/{index[id(p)]}/{key}"] = torch.as_tensor(value).detach().clone()
+                out[f"o/{index[id(p)]}/{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
         return out
 
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -488,17 +531,38 @@ class PipelineWorker:
                 param, _, key = name[2:].rpartition("/")
                 if param not in params:
                     raise RuntimeError(f"optimizer state for unknown parameter {param}")
-                self.optimizer.state[params[param]][key] = t.clone()
+                # AdamW keeps its step count on the CPU and its moments beside the parameter
+                self.optimizer.state[params[param]][key] = t.clone() if key == "step" else t.to(params[param].device)
+        self._version += 1
 
     async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
-        return {"iteration": self.iteration}, self.full_state()
+        """One part of the state (``part``, default 0; ``weights_only`` leaves the optimizer out).
+        An RPC carries at most STATE_PART_TENSORS tensors; ``version`` changes whenever the state
+        does, so a caller can tell that its parts belong together."""
+        part, weights_only = args.get("part", 0), args.get("weights_only", False)
+        if type(part) is not int or not isinstance(weights_only, bool):
+            raise PipelineError("pp.state takes an integer part and a boolean weights_only")
+        key = (self._version, weights_only)
+        if self._state_cache is None or self._state_cache[0] != key:
+            self._state_cache = (key, self.full_state(weights_only))
+        state = self._state_cache[1]
+        names = sorted(state)
+        parts = max(1, -(-len(names) // STATE_PART_TENSORS))
+        if not 0 <= part < parts:
+            raise PipelineError(f"part must be in 0..{parts - 1}")
+        chunk = names[part * STATE_PART_TENSORS:(part + 1) * STATE_PART_TENSORS]
+        return ({"iteration": self.iteration, "version": self._version, "part": part, "parts": parts},
+                {name: state[name] for name in chunk})
 
     async def _resync(self, peer: bytes) -> None:
         """Take ``peer``'s weights and optimizer state (after it stepped): ours had drifted from the stage's."""
+        async def call(args: dict) -> tuple[dict, dict]:
+            return await self.swarm.call(peer, "pp.state", args)
+
         try:
-            _, state = await self.swarm.call(peer, "pp.state", {})
+            _, state = await fetch_state(call)
             self.load_full_state(state)
-        except (SwarmCallError, RuntimeError, ValueError) as error:
+        except (SwarmCallError, RuntimeError, ValueError, PipelineError) as error:
             logger.warning("could not take the state of %s: %s", peer.hex()[:12], error)
             return
         self.report.resyncs += 1
