@@ -13,7 +13,8 @@ from node.zo_demo import DemoError, _first_maddr, _start, read_reports, stop_pro
 PROGRESS_EVERY_S = 5.0
 
 
-def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int, **overrides) -> Path:
+def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int, preset: str = "tiny",
+                        **overrides) -> Path:
     from protocol.keys import generate_private_key
     from protocol.runspec import dumps_spec, make_spec
 
@@ -21,14 +22,14 @@ def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int,
                     microbatches=4, microbatch_size=4, seq_len=64, memory=2, steps=iterations, lr=3e-3,
                     swap="checkfree_plus" if stages >= 3 else "none", heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0, min_nodes=nodes)
     settings.update(overrides)
-    spec = make_spec("pipeline", "tiny", generate_private_key(), **settings)
+    spec = make_spec("pipeline", preset, generate_private_key(), **settings)
     path = workdir / "run.toml"
     path.write_text(dumps_spec(spec))
     return path
 
 
 def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeout_s: float,
-                       progress=None) -> list[dict]:
+                       progress=None, device: str = "cpu") -> list[dict]:
     procs = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
@@ -39,7 +40,7 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
             role = ["--role", "data"] if stage == 0 else ["--stage", str(stage)]
             procs.append(_start(workdir, f"node{i}", [
                 "node", "--run", str(spec), "--data-dir", str(workdir / f"node{i}"), "--initial-peers", peer,
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", "cpu", "--report", str(workdir / f"node{i}.json"),
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", device, "--report", str(workdir / f"node{i}.json"),
                 "--public-name", f"stage{stage}-{i}", *role]))
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()

@@ -117,7 +117,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
                "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
                "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
-               "plans": report.plans, "published": leader.published,
+               "plans": report.plans, "published": leader.published, "phases": report.phases,
                "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0}
         tmp = report_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))

@@ -15,14 +15,19 @@ from trainer.pipeline.simulator import simulate
 
 
 class FakeSwarm:
-    """Only what the constructors need: an id and a place to register handlers."""
+    """An id, a place to register handlers, and calls that are recorded (and succeed)."""
 
     def __init__(self, my_id: bytes):
         self.my_id = my_id
         self.handlers = {}
+        self.calls = []
 
     def serve(self, method, handler):
         self.handlers[method] = handler
+
+    async def call(self, peer, method, args=None, tensors=None):
+        self.calls.append((peer, method, args, tensors))
+        return {}, {}
 
 
 SPEC = make_spec("pipeline", "tiny", generate_private_key(), stages=2, blocks_per_stage=[3, 1], path_length=2,
@@ -93,22 +98,62 @@ def test_state_part_out_of_range_is_refused():
         asyncio.run(a._on_state(b"\x02" * 32, {"part": "0"}, {}))
 
 
-def test_activations_travel_in_the_run_dtype():
+DATA = b"\x02" * 32
+
+
+def hop(mb: int, route=()) -> dict:
+    return {"iteration": 0, "mb": mb, "attempt": 0, "origin": DATA, "route": [list(h) for h in route],
+            "visited": [], "skipped": 0, "rerouted": 0}
+
+
+async def settle(stage: PipelineWorker) -> None:
+    while stage._tasks:
+        await asyncio.sleep(0.01)
+
+
+def test_activations_travel_in_the_run_dtype_along_the_chain():
+    """A stage answers the forward at once, then hands its bf16 output on: to the next hop of the
+    route, or past the route's end to the data node; the backward goes the same way back."""
     stage = worker(1, torch.bfloat16)
     x = torch.randn(2, 16, 64)
-    with pytest.raises(PipelineError, match="bfloat16"):
-        asyncio.run(stage._on_forward(b"\x02" * 32, {"iteration": 0, "mb": 0}, {"x": x}))
-    _, out = asyncio.run(stage._on_forward(b"\x02" * 32, {"iteration": 0, "mb": 1}, {"x": x.bfloat16()}))
-    assert out["x"].dtype == torch.bfloat16 and out["x"].shape == x.shape
-    # the stage computes in float32: its output is the float32 forward of the bf16 input, rounded once
-    expected = stage.module(x.bfloat16().float()).detach().bfloat16()
-    assert torch.equal(out["x"], expected)
-    with pytest.raises(PipelineError, match="dtype"):
-        asyncio.run(stage._on_backward(b"\x02" * 32, {"iteration": 0, "mb": 1}, {"grad": torch.ones_like(x)}))
-    _, out = asyncio.run(stage._on_forward(b"\x02" * 32, {"iteration": 0, "mb": 2}, {"x": x.bfloat16()}))
-    _, back = asyncio.run(stage._on_backward(b"\x02" * 32, {"iteration": 0, "mb": 2},
-                                             {"grad": torch.ones_like(x).bfloat16()}))
-    assert back["grad"].dtype == torch.bfloat16 and back["grad"].shape == x.shape
+
+    async def go():
+        with pytest.raises(PipelineError, match="bfloat16"):
+            await stage._on_forward(DATA, hop(0), {"x": x})
+        assert await stage._on_forward(DATA, hop(1), {"x": x.bfloat16()}) == ({}, {})
+        nxt = b"\x07" * 32
+        await stage._on_forward(DATA, hop(2, route=[(2, nxt)]), {"x": x.bfloat16()})
+        await settle(stage)
+        (to1, method1, args1, t1), (to2, method2, args2, t2) = stage.swarm.calls
+        assert (to1, method1, args1["kind"], args1["visited"]) == (DATA, "pp.arrive", "x", [[1, stage.me]])
+        assert (to2, method2, args2["route"], args2["visited"]) == (nxt, "pp.forward", [], [[1, stage.me]])
+        # the stage computes in float32: its output is the float32 forward of the bf16 input, rounded once
+        expected = stage.module(x.bfloat16().float()).detach().bfloat16()
+        assert torch.equal(t1["t"], expected) and torch.equal(t2["x"], expected)
+        with pytest.raises(PipelineError, match="dtype"):
+            await stage._on_backward(DATA, hop(1), {"grad": torch.ones_like(x)})
+        stage.swarm.calls.clear()
+        await stage._on_backward(DATA, hop(1), {"grad": torch.ones_like(x).bfloat16()})
+        await settle(stage)
+        [(to, method, args, t)] = stage.swarm.calls
+        assert (to, method, args["kind"]) == (DATA, "pp.arrive", "grad")
+        assert t["t"].dtype == torch.bfloat16 and t["t"].shape == x.shape
+        with pytest.raises(PipelineError, match="no forward"):  # its activations are gone with the backward
+            await stage._on_backward(DATA, hop(1), {"grad": torch.ones_like(x).bfloat16()})
+
+    asyncio.run(go())
+
+
+def test_malformed_hops_are_refused():
+    stage = worker(1)
+    x = torch.randn(2, 16, 64)
+    for bad in ({"route": [[1, b"short"]]}, {"origin": b"x"}, {"attempt": -1}, {"visited": "no"},
+                {"skipped": "0"}, {"route": [[1, b"\x01" * 32]] * 300}):
+        with pytest.raises(PipelineError):
+            asyncio.run(stage._on_forward(DATA, {**hop(0), **bad}, {"x": x}))
+    data = worker(0)
+    with pytest.raises(PipelineError, match="waits"):  # nothing expected: refused, not stored
+        asyncio.run(data._on_arrive(DATA, {"iteration": 0, "mb": 0, "attempt": 0, "kind": "x"}, {"t": x}))
 
 
 @pytest.mark.parametrize("policy", ["skip", "full", "random_skip"])

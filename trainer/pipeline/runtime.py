@@ -59,6 +59,8 @@ class PipelineSettings:
     retry_s: float = 0.5
     hop_attempts: int = 4
     slot_wait_s: float = 2.0  # a forward waits this long for a free memory slot, then is refused
+    arrival_timeout_s: float = 60.0  # a data node waits this long for a microbatch to come back from its path
+    microbatch_attempts: int = 2  # sends of a microbatch whose path never delivered it back
     use_leader: bool = True  # follow the leader's published schedule when it fits the live swarm
     activation_dtype: torch.dtype = torch.float32  # activations and their gradients on the wire
 
@@ -79,8 +81,12 @@ class PipelineReport:
     compute_s: float = 0.0  # forward and backward time of this node's stage
     microbatches: int = 0  # microbatches whose forward ran here
     tokens: int = 0  # data nodes: tokens trained on
+    # per iteration: (iteration, unix start, seconds of microbatches (data nodes) or of waiting for
+    # them (stage nodes), seconds of the reduce and step)
+    phases: list[tuple[int, float, float, float]] = field(default_factory=list)
 
 
+MAX_PATH = 256  # hops of one path
 STATE_PART_TENSORS = 48  # tensors per pp.state answer, under the RPC's limit of 64
 
 
@@ -142,8 +148,10 @@ class PipelineWorker:
         self._reduce_calls = 0  # pp.reduce calls being answered right now
         self._version = 0  # changes whenever the weights or optimizer state do
         self._state_cache: tuple[tuple[int, bool], dict[str, torch.Tensor]] | None = None
+        self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
+        self._tasks: set[asyncio.Task] = set()  # hand-overs running after their handler answered
         for method, handler in (("pp.forward", self._on_forward), ("pp.backward", self._on_backward),
-                                ("pp.done", self._on_done), ("pp.reduce", self._on_reduce),
+                                ("pp.arrive", self._on_arrive), ("pp.done", self._on_done), ("pp.reduce", self._on_reduce),
                                 ("pp.state", self._on_state)):
             swarm.serve(method, handler)
 
@@ -165,11 +173,14 @@ class PipelineWorker:
         started = time.time()
         while not stop.is_set() and self.iteration < self.settings.iterations:
             k = self.iteration
+            began = time.time()
             if self.stage == 0:
                 await self._drive(k)
             else:
                 await self._wait_done(k, stop)
+            reducing = time.time()
             await self._reduce_and_step(k)
+            self.report.phases.append((k, began, reducing - began, time.time() - reducing))
             self.report.hashes.append((k, weights_hash(self.module).hex()))
             logger.info("pipeline iteration %d done, weights %s", k, self.report.hashes[-1][1][:16])
             self._cache = {key: v for key, v in self._cache.items() if key[0] > k}
@@ -242,15 +253,21 @@ class PipelineWorker:
             x0 = self.module.start(tokens)
             self.report.compute_s += time.perf_counter() - began
             self.report.microbatches += 1
-            x = x0.detach()
-            done: list[Hop] = []
-            for stage, node in path:
-                result = await self._forward_hop(k, m, stage, node, x)
-                if result is None:
-                    self.report.skipped += 1
-                    continue
-                hop, x = result
-                done.append(hop)
+            for attempt in range(self.settings.microbatch_attempts):
+                arrived = await self._travel(k, m, attempt, "x", path, self._wire(x0),
+                                             lambda route, t: self._pass_on(k, self.me, m, attempt, route, t, [], 0, 0))
+                if arrived is not None:
+                    break
+                logger.warning("microbatch %d (attempt %d) did not come back from its path; sending it again",
+                               m, attempt)
+            else:
+                logger.warning("microbatch %d of iteration %d is dropped: no attempt came back", m, k)
+                self.report.executed.append([k, m, []])
+                return None
+            trip, x = arrived
+            done = list(trip["visited"])
+            self.report.skipped += trip["skipped"]
+            self.report.rerouted += trip["rerouted"]
             self.report.executed.append([k, m, [[s, n.hex()] for s, n in done]])
             began = time.perf_counter()
             x_last = self._receive(x).requires_grad_(True)
@@ -258,47 +275,108 @@ class PipelineWorker:
             loss.backward()
             grad = self._wire(x_last.grad)
             self.report.compute_s += time.perf_counter() - began
-            for stage, node in reversed(done):
-                try:
-                    _, out = await self.swarm.call(node, "pp.backward", {"iteration": k, "mb": m}, {"grad": grad})
-                    grad = out["grad"]
-                except (SwarmCallError, KeyError) as error:
-                    logger.warning("backward of microbatch %d at stage %d failed (%s); its gradient stops there",
-                                   m, stage, error)
-                    grad = None
-                    break
-            if grad is not None:
+            back = list(reversed(done))
+            arrived = await self._travel(k, m, attempt, "grad", back, grad,
+                                         lambda route, t: self._pass_back(k, self.me, m, attempt, route, t))
+            if arrived is not None and not arrived[0].get("lost"):
                 began = time.perf_counter()
-                x0.backward(self._receive(grad))
+                x0.backward(self._receive(arrived[1]))
                 self.report.compute_s += time.perf_counter() - began
                 self._count += 1
+            else:
+                logger.warning("the gradient of microbatch %d did not come back; stages before the break get none", m)
             self.report.tokens += tokens.numel()
             return float(loss)
 
-    async def _forward_hop(self, k: int, m: int, stage: int, node: bytes,
-                           x: torch.Tensor) -> tuple[Hop, torch.Tensor] | None:
-        """Run one hop; on failure, another live replica of the stage. A replica that is alive but
-        busy (still finishing the previous iteration, say) gets another try after a back-off; the
-        stage is skipped only when no live replica is left or every try failed."""
+    async def _travel(self, k: int, m: int, attempt: int, kind: str, route: list[Hop], t: torch.Tensor,
+                      send) -> tuple[dict, torch.Tensor] | None:
+        """Send ``t`` along ``route`` (with ``send``) and wait for what the route's end delivers
+        back here (``pp.arrive``); None when nothing came within the timeout."""
+        if not route:
+            return {"visited": [], "skipped": 0, "rerouted": 0}, t
+        future = asyncio.get_running_loop().create_future()
+        self._arrivals[(k, m, attempt, kind)] = future
+        try:
+            await send(route, t)
+            return await asyncio.wait_for(future, self.settings.arrival_timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._arrivals.pop((k, m, attempt, kind), None)
+
+    async def _pass_on(self, k: int, origin: bytes, m: int, attempt: int, route: list[Hop], x: torch.Tensor,
+                       visited: list[Hop], skipped: int, rerouted: int) -> None:
+        """Hand the activations to the next stage of the route that takes them: the planned node, or
+        another live replica of its stage after a back-off, or the stage after it when none is left;
+        past the route's end, back to the data node it started from."""
+        while route:
+            (stage, node), rest = route[0], route[1:]
+            args = {"iteration": k, "mb": m, "attempt": attempt, "origin": origin,
+                    "route": [[s, n] for s, n in rest], "visited": [[s, n] for s, n in visited],
+                    "skipped": skipped, "rerouted": rerouted}
+            taker = await self._hand_over(stage, node, "pp.forward", args, {"x": x})
+            if taker is not None:
+                return
+            logger.warning("microbatch %d: no replica of stage %d took it; skipping that stage", m, stage)
+            skipped += 1
+            route = rest
+        args = {"iteration": k, "mb": m, "attempt": attempt, "kind": "x", "visited": [[s, n] for s, n in visited],
+                "skipped": skipped, "rerouted": rerouted}
+        await self._deliver(origin, args, {"t": x})
+
+    async def _hand_over(self, stage: int, node: bytes, method: str, args: dict, tensors: dict) -> bytes | None:
+        """Call ``method`` on ``node``, or on another live replica of its stage when it fails, with
+        back-off between rounds; the node that took the call, or None."""
         candidates = [node]
         for attempt in range(self.settings.hop_attempts):
             for candidate in candidates:
                 try:
-                    _, out = await self.swarm.call(candidate, "pp.forward", {"iteration": k, "mb": m},
-                                                   {"x": self._wire(x)})
-                    if candidate != node:
-                        self.report.rerouted += 1
-                    return (stage, candidate), out["x"]
-                except (SwarmCallError, KeyError) as error:
-                    logger.warning("microbatch %d: stage %d on %s failed (%s); trying another replica",
-                                   m, stage, candidate.hex()[:12], error)
+                    if candidate != node:  # only forwards go elsewhere; the data node learns how often
+                        await self.swarm.call(candidate, method, {**args, "rerouted": args["rerouted"] + 1}, tensors)
+                    else:
+                        await self.swarm.call(candidate, method, args, tensors)
+                    return candidate
+                except SwarmCallError as error:
+                    logger.warning("%s of microbatch %d to stage %d on %s failed (%s)", method, args["mb"], stage,
+                                   candidate.hex()[:12], error)
             live = (await self._replicas(fresh=True)).get(stage, [])
-            if not live:
-                break
+            if not live or method != "pp.forward":
+                break  # a backward needs the node that holds the forward's activations
             # the planned node first if it is still live, then the others
             candidates = sorted(live, key=lambda n: (n != node, n))
             await asyncio.sleep(self.settings.retry_s * (attempt + 1))
         return None
+
+    async def _pass_back(self, k: int, origin: bytes, m: int, attempt: int, route: list[Hop],
+                         grad: torch.Tensor) -> None:
+        """Hand the gradient to the previous stage of the path (it holds the activations), or past
+        the path's start to the data node. A node that cannot reach its predecessor tells the data
+        node that the gradient is lost."""
+        if not route:
+            await self._deliver(origin, {"iteration": k, "mb": m, "attempt": attempt, "kind": "grad"}, {"t": grad})
+            return
+        (stage, node), rest = route[0], route[1:]
+        args = {"iteration": k, "mb": m, "attempt": attempt, "origin": origin, "route": [[s, n] for s, n in rest]}
+        if await self._hand_over(stage, node, "pp.backward", args, {"grad": grad}) is None:
+            await self._deliver(origin, {"iteration": k, "mb": m, "attempt": attempt, "kind": "grad", "lost": True}, {})
+
+    async def _deliver(self, origin: bytes, args: dict, tensors: dict) -> None:
+        """``pp.arrive`` at the data node (or straight into its future when that is this node)."""
+        if origin == self.me:
+            await self._on_arrive(self.me, args, tensors)
+            return
+        for attempt in range(self.settings.hop_attempts):
+            try:
+                await self.swarm.call(origin, "pp.arrive", args, tensors)
+                return
+            except SwarmCallError as error:
+                logger.warning("delivery of microbatch %d to %s failed (%s)", args["mb"], origin.hex()[:12], error)
+                await asyncio.sleep(self.settings.retry_s * (attempt + 1))
+
+    def _background(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         """What goes on the wire: the activation dtype, on the CPU (the RPC sends host bytes)."""
@@ -342,31 +420,48 @@ class PipelineWorker:
         if k != self.iteration:
             raise PipelineError(f"iteration {k} is over here (this node is at {self.iteration})")
 
-    def _key(self, sender: bytes, args: dict) -> tuple:
-        k, m = args.get("iteration"), args.get("mb")
+    def _key(self, args: dict) -> tuple:
+        k, m, attempt, origin = args.get("iteration"), args.get("mb"), args.get("attempt"), args.get("origin")
         if type(k) is not int or type(m) is not int or not 0 <= m < 1 << 20:
             raise PipelineError("iteration and mb must be integers")
-        return (k, sender, m)
+        if type(attempt) is not int or not 0 <= attempt < 16 or not isinstance(origin, bytes) or len(origin) != 32:
+            raise PipelineError("attempt must be a small integer and origin a node id")
+        return (k, origin, m, attempt)
+
+    @staticmethod
+    def _hops(raw: object, what: str) -> list[Hop]:
+        if not isinstance(raw, list) or len(raw) > MAX_PATH or not all(
+                isinstance(h, list) and len(h) == 2 and type(h[0]) is int and isinstance(h[1], bytes)
+                and len(h[1]) == 32 for h in raw):
+            raise PipelineError(f"{what} must be a list of at most {MAX_PATH} [stage, node id] pairs")
+        return [(h[0], h[1]) for h in raw]
 
     async def _on_forward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        """Run this stage's forward for a microbatch, then pass the output on along its route (after
+        answering: the caller does not wait for the rest of the path)."""
         if self.stage == 0:
             raise PipelineError("stage 0 does not serve hops")
-        key = self._key(sender, args)
+        key = self._key(args)
+        route, visited = self._hops(args.get("route"), "route"), self._hops(args.get("visited"), "visited")
+        skipped, rerouted = args.get("skipped"), args.get("rerouted")
+        if type(skipped) is not int or type(rerouted) is not int or not 0 <= skipped <= MAX_PATH or rerouted < 0:
+            raise PipelineError("skipped and rerouted must be small counts")
         x = tensors.get("x")
         wire = self.settings.activation_dtype
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != wire:
             raise PipelineError(f"x must be a {wire} (batch, time, d_model) tensor")
-        await self._at_iteration(sender, key[0])
-        if key in self._cache:  # a retry after a lost reply: the same output again
-            return {}, {"x": self._wire(self._cache[key][1])}
+        k, origin, m, attempt = key
+        await self._at_iteration(origin, k)
+        if key in self._cache:  # a retry after a lost answer: it was taken already
+            return {}, {}
         if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
-            logger.warning("fault injection: SIGKILL in the middle of iteration %d", key[0])
+            logger.warning("fault injection: SIGKILL in the middle of iteration %d", k)
             os.kill(os.getpid(), signal.SIGKILL)
         try:  # released by backward (or at the end of the iteration)
             await asyncio.wait_for(self._slots.acquire(), self.settings.slot_wait_s)
         except TimeoutError:
             # Waiting longer could deadlock: paths in swapped order can each hold the slot the other
-            # needs. The data node retries, then goes to another replica or skips the stage.
+            # needs. The caller retries, then goes to another replica or skips the stage.
             raise PipelineError(f"memory full: {self.settings.memory} microbatches held here") from None
         x_in = self._receive(x).requires_grad_(True)
         began = time.perf_counter()
@@ -378,24 +473,52 @@ class PipelineWorker:
         self.report.compute_s += time.perf_counter() - began
         self.report.microbatches += 1
         self._cache[key] = (x_in, y)
-        self.report.served.append([key[0], sender.hex(), key[2]])
-        return {}, {"x": self._wire(y)}
+        self.report.served.append([k, origin.hex(), m])
+        self._background(self._pass_on(k, origin, m, attempt, route, self._wire(y), visited + [(self.stage, self.me)],
+                                       skipped, rerouted))
+        return {}, {}
 
     async def _on_backward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
-        key = self._key(sender, args)
-        entry = self._cache.pop(key, None)
+        key = self._key(args)
+        route = self._hops(args.get("route"), "route")
+        grad = tensors.get("grad")
+        entry = self._cache.get(key)
         if entry is None:
             raise PipelineError("no forward of this microbatch is waiting here")
-        self._slots.release()
         x_in, y = entry
-        grad = tensors.get("grad")
         if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != self.settings.activation_dtype:
             raise PipelineError("grad must match the forward output's shape and the run's activation dtype")
+        del self._cache[key]
+        self._slots.release()
         began = time.perf_counter()
         y.backward(self._receive(grad))
         self.report.compute_s += time.perf_counter() - began
         self._count += 1
-        return {}, {"grad": self._wire(x_in.grad)}
+        k, origin, m, attempt = key
+        self._background(self._pass_back(k, origin, m, attempt, route, self._wire(x_in.grad)))
+        return {}, {}
+
+    async def _on_arrive(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
+        """A data node receives what the end of a path delivers: the activations after the last hop,
+        or the gradient after the first (or word that the gradient is lost)."""
+        k, m, attempt, kind = args.get("iteration"), args.get("mb"), args.get("attempt"), args.get("kind")
+        future = self._arrivals.get((k, m, attempt, kind)) if type(k) is int and type(m) is int else None
+        if future is None or future.done():
+            raise PipelineError("no microbatch here waits for this")
+        t = tensors.get("t")
+        if kind == "x":
+            visited = self._hops(args.get("visited"), "visited")
+            skipped, rerouted = args.get("skipped"), args.get("rerouted")
+            if type(skipped) is not int or type(rerouted) is not int:
+                raise PipelineError("skipped and rerouted must be counts")
+            result = {"visited": visited, "skipped": skipped, "rerouted": rerouted}
+        else:
+            result = {"lost": bool(args.get("lost"))}
+        if not result.get("lost") and (not isinstance(t, torch.Tensor) or t.dtype != self.settings.activation_dtype
+                                       or t.dim() != 3):
+            raise PipelineError(f"t must be a {self.settings.activation_dtype} (batch, time, d_model) tensor")
+        future.set_result((result, t))
+        return {}, {}
 
     async def _on_done(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         k = args.get("iteration")
