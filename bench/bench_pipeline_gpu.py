@@ -178,7 +178,7 @@ def main() -> None:
         f"device {args.device}; {args.stages} stages of {[len(r) for r in ranges]} blocks (stage 0 also embedding, "
         f"head and loss); path_length {args.stages} (every microbatch visits every stage), swap none, planner "
         f"{args.planner}, memory {args.memory}; {args.iterations} iterations; activations go device -> host -> "
-        "RPC over p2pd -> host -> device at every hop, the data node relaying between stages",
+        "RPC over p2pd -> host -> device at every hop, stage to stage along the path",
     ]
     for dtype, s in runs.items():
         steady = s["steady_tokens_per_s"]
