@@ -53,14 +53,15 @@ class HivemindSwarm:
         return sorted(found, key=lambda p: p.id)
 
     async def call(
-        self, peer: bytes, method: str, args: dict | None = None, tensors: Tensors | None = None
+        self, peer: bytes, method: str, args: dict | None = None, tensors: Tensors | None = None,
+        *, even_if_dead: bool = False,
     ) -> tuple[dict, dict[str, torch.Tensor]]:
         if self.node.rpc is None:
             raise SwarmCallError("the node has not started its RPC endpoint yet")
         member = self.node.view.members.get(peer)
         if member is None:
             member = (await self.node.refresh_membership()).get(peer)
-        if member is None or member.state == DEAD:
+        if member is None or (member.state == DEAD and not even_if_dead):
             raise SwarmCallError(f"peer {node_id_hex(peer)[:16]} is not a live member of the run")
         try:
             peer_id = PeerID.from_base58(member.announcement.peer_id)

@@ -10,24 +10,35 @@ from node.pipeline_node import stage_module
 from protocol.keys import generate_private_key
 from protocol.runspec import make_spec
 from trainer.pipeline.leader import Leader, LeaderSettings
-from trainer.pipeline.runtime import STATE_PART_TENSORS, PipelineError, PipelineSettings, PipelineWorker, fetch_state
+from trainer.pipeline.runtime import (STATE_PART_TENSORS, PipelineError, PipelineSettings, PipelineWorker, fetch_state,
+                                      weights_hash)
 from trainer.pipeline.simulator import simulate
+from trainer.swarm import Peer, SwarmCallError
 
 
 class FakeSwarm:
-    """An id, a place to register handlers, and calls that are recorded (and succeed)."""
+    """An id, a place to register handlers, a fixed view (``live``), and calls that are recorded
+    and succeed, except to the peers in ``unreachable``."""
 
     def __init__(self, my_id: bytes):
         self.my_id = my_id
         self.handlers = {}
         self.calls = []
+        self.live: list[Peer] = []
+        self.unreachable: set[bytes] = set()
+        self.replies: dict[str, dict] = {}  # method -> the result it answers (default {})
 
     def serve(self, method, handler):
         self.handlers[method] = handler
 
-    async def call(self, peer, method, args=None, tensors=None):
-        self.calls.append((peer, method, args, tensors))
-        return {}, {}
+    async def peers(self, *, fresh=False, **_):
+        return list(self.live)
+
+    async def call(self, peer, method, args=None, tensors=None, *, even_if_dead=False):
+        self.calls.append((peer, method, args, tensors, even_if_dead))
+        if peer in self.unreachable:
+            raise SwarmCallError("cannot reach it")
+        return self.replies.get(method, {}), {}
 
 
 SPEC = make_spec("pipeline", "tiny", generate_private_key(), stages=2, blocks_per_stage=[3, 1], path_length=2,
@@ -124,7 +135,7 @@ def test_activations_travel_in_the_run_dtype_along_the_chain():
         nxt = b"\x07" * 32
         await stage._on_forward(DATA, hop(2, route=[(2, nxt)]), {"x": x.bfloat16()})
         await settle(stage)
-        (to1, method1, args1, t1), (to2, method2, args2, t2) = stage.swarm.calls
+        (to1, method1, args1, t1, _), (to2, method2, args2, t2, _) = stage.swarm.calls
         assert (to1, method1, args1["kind"], args1["visited"]) == (DATA, "pp.arrive", "x", [[1, stage.me]])
         assert (to2, method2, args2["route"], args2["visited"]) == (nxt, "pp.forward", [], [[1, stage.me]])
         # the stage computes in float32: its output is the float32 forward of the bf16 input, rounded once
@@ -135,7 +146,7 @@ def test_activations_travel_in_the_run_dtype_along_the_chain():
         stage.swarm.calls.clear()
         await stage._on_backward(DATA, hop(1), {"grad": torch.ones_like(x).bfloat16()})
         await settle(stage)
-        [(to, method, args, t)] = stage.swarm.calls
+        [(to, method, args, t, _)] = stage.swarm.calls
         assert (to, method, args["kind"]) == (DATA, "pp.arrive", "grad")
         assert t["t"].dtype == torch.bfloat16 and t["t"].shape == x.shape
         with pytest.raises(PipelineError, match="no forward"):  # its activations are gone with the backward
@@ -176,3 +187,29 @@ def test_leader_policies_plan_valid_schedules(policy):
             assert stages == [1, 2, 3]
         else:
             assert len(stages) == 2 and len(set(stages)) == 2
+
+
+def test_a_replica_missing_from_the_view_still_gets_the_reduce():
+    """A stage mate whose heartbeat is late is not in the fresh view; the replica that took part in
+    the last reduce with it still sends its gradients there instead of stepping alone."""
+    mate, me = b"\x01" * 32, b"\x02" * 32
+    w = worker(1, me=me)
+    w.swarm.live = [Peer(me, "stage", 1, None, "ONLINE")]
+    w._mates = {mate}
+    w.swarm.replies["pp.reduce"] = {"skip": True, "resync": False}
+    asyncio.run(w._reduce_and_step(0))
+    assert [(c[0], c[1], c[4]) for c in w.swarm.calls] == [(mate, "pp.reduce", True)]
+    assert w._mates == {mate}
+
+
+def test_a_mate_that_does_not_answer_is_left_out_and_the_next_replica_reduces():
+    mate, me = b"\x01" * 32, b"\x02" * 32
+    w = worker(1, me=me)
+    w.swarm.live = [Peer(me, "stage", 1, None, "ONLINE")]
+    w.swarm.unreachable = {mate}
+    w._mates = {mate}
+    before = weights_hash(w.module)
+    asyncio.run(w._reduce_and_step(0))
+    assert [c[1] for c in w.swarm.calls] == ["pp.reduce"]  # tried once, then reduced alone
+    assert w._mates == set() and w._reduce_result[0].done()
+    assert weights_hash(w.module) == before  # nothing was processed: no step

@@ -44,9 +44,11 @@ class Swarm(Protocol):
         ...
 
     async def call(
-        self, peer: bytes, method: str, args: dict | None = None, tensors: Tensors | None = None
+        self, peer: bytes, method: str, args: dict | None = None, tensors: Tensors | None = None,
+        *, even_if_dead: bool = False,
     ) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Call ``method`` on ``peer``; raises SwarmCallError."""
+        """Call ``method`` on ``peer``; raises SwarmCallError. A peer the view holds DEAD is refused
+        unless ``even_if_dead`` (for a caller with reason to think the view is behind)."""
         ...
 
     def serve(self, method: str, handler: MethodHandler) -> None:

@@ -4,15 +4,16 @@ Every node holds one stage (stage 0, with the embedding, head and loss, is the d
 Iteration k:
 
 1. Each data node plans its microbatches' paths over the live replicas (trainer/pipeline/plan.py)
-   and drives them, at most ``memory`` at a time: stage 0's start, then ``pp.forward`` on each
-   hop's node (activations over the RPC), the loss, then ``pp.backward`` along the reversed path.
-   A hop whose node fails goes to another live replica of that stage, or skips the stage when
-   none is left. Then it tells every stage node ``pp.done``.
+   and drives them, at most ``memory`` at a time: stage 0's start, then ``pp.forward`` to the first
+   hop, which computes and hands its output on to the next hop itself; the last hop delivers to
+   the data node (``pp.arrive``), which takes the loss and sends ``pp.backward`` back along the
+   path the same way. A hand-over that fails goes to another live replica of that stage, or
+   skips the stage when none is left. Then it tells every stage node ``pp.done``.
 2. A stage node serves hops (each holds one of its ``memory`` activation slots from forward to
    backward) until every live data node said done.
-3. The replicas of each stage reduce their summed gradients at the stage's reducer (its smallest
-   live id) in a fixed order, weighted by microbatches processed; all apply the same averaged
-   gradient and step. The reducer also compares weight hashes and sends its weights to a replica
+3. The replicas of each stage reduce their summed gradients at the stage's reducer (the smallest id
+   among its live replicas and those that took part in the last reduce) in a fixed order,
+   weighted by microbatches processed; all apply the same averaged gradient and step. The reducer also compares weight hashes and sends its weights to a replica
    that differs, so the replicas of a stage hold identical weights after every iteration.
 
 (hivemind's averager is not used for this step: it applies the average as a delta to each local
@@ -146,6 +147,10 @@ class PipelineWorker:
         self._reduce_event = asyncio.Event()
         self._reduce_result: dict[int, asyncio.Future] = {}
         self._reduce_calls = 0  # pp.reduce calls being answered right now
+        # The stage's other replicas as of the last reduce. A replica whose heartbeat is late drops
+        # out of the fresh view for a moment; without this memory two replicas could each take
+        # themselves for the reducer, step alone and part ways for an iteration.
+        self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
         self._state_cache: tuple[tuple[int, bool], dict[str, torch.Tensor]] | None = None
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
@@ -547,7 +552,8 @@ class PipelineWorker:
             del self._cache[key]
             self._slots.release()
         while True:
-            members = (await self._replicas(fresh=True)).get(self.stage, [self.me])
+            live = (await self._replicas(fresh=True)).get(self.stage, [self.me])
+            members = sorted(set(live) | self._mates)
             reducer = members[0]
             if reducer == self.me:
                 await self._reduce_as_reducer(k, members)
@@ -555,13 +561,20 @@ class PipelineWorker:
             try:
                 result, out = await self.swarm.call(reducer, "pp.reduce",
                                                     {"iteration": k, "count": self._count,
-                                                     "hash": weights_hash(self.module)}, self._grads())
+                                                     "hash": weights_hash(self.module)}, self._grads(),
+                                                    even_if_dead=reducer not in live)
             except SwarmCallError as error:
                 if "already reduced" in str(error):  # we came too late: take the stage's weights instead
                     self.optimizer.zero_grad(set_to_none=True)
                     self._count = 0
                     await self._resync(reducer)
+                    self._mates = set(members) - {self.me}
                     return
+                if reducer not in live:  # gone for good, it seems: the next replica reduces
+                    logger.info("stage mate %s did not answer and is not in the view: leaving it out",
+                                reducer.hex()[:12])
+                    self._mates.discard(reducer)
+                    continue
                 logger.warning("reduce at %s failed: %s; trying again", reducer.hex()[:12], error)
                 await asyncio.sleep(self.settings.retry_s)
                 continue
@@ -572,9 +585,12 @@ class PipelineWorker:
                 self._step(out)
             if result.get("resync"):
                 await self._resync(reducer)
+            self._mates = set(members) - {self.me}
             return
 
     async def _reduce_as_reducer(self, k: int, members: list[bytes]) -> None:
+        """Wait for the replicas in ``members`` (those in the view plus the ones known from the
+        last reduce); after a short grace, only for those still in a fresh view."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reduce_timeout_s
         mine = (self._grads(), self._count, weights_hash(self.module))
@@ -589,6 +605,7 @@ class PipelineWorker:
                 members = (await self._replicas(fresh=True)).get(self.stage, [self.me])
         contributions = {self.me: mine}
         contributions.update({s: v for (it, s), v in self._reduce_inbox.items() if it == k})
+        self._mates = (set(contributions) | set(members)) - {self.me}
         total = sum(count for _, count, _ in contributions.values())
         if total == 0:
             averaged = None
