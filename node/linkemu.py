@@ -26,14 +26,13 @@ A peer whose public name is not listed, or a node that is not listed itself, is 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from node.config import ConfigError
-from trainer.pipeline.scenario import Scenario, ScenarioError, load_scenario, shipped_scenario
+from trainer.pipeline.scenario import Scenario, ScenarioError, load_scenario, read_json_file, shipped_scenario
 
 
 class LinkEmulationError(ConfigError):
@@ -105,14 +104,7 @@ def emulation_from_dict(raw: object, where: str = "link emulation") -> LinkEmula
 
 
 def load_emulation(path: str | Path) -> LinkEmulation:
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as error:
-        raise LinkEmulationError(f"{path}: cannot read the link emulation file ({error.strerror})") from None
-    except json.JSONDecodeError as error:
-        raise LinkEmulationError(f"{path}: not valid JSON ({error})") from None
-    return emulation_from_dict(raw, str(path))
+    return emulation_from_dict(read_json_file(path, "link emulation file", LinkEmulationError), str(path))
 
 
 class LinkShaper:

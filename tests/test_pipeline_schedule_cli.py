@@ -51,7 +51,7 @@ def test_subprocess_returns_within_its_time_budget():
 
 
 @pytest.mark.parametrize("content, args, fragment", [
-    (None, [], "cannot read scenario file"),
+    (None, [], "cannot read the scenario file"),
     ("{not json", [], "not valid JSON"),
     ('{"name": "x", "nodes": []}', [], "field 'nodes'"),
     ("SHIPPED", ["--time-budget", "0"], "--time-budget must be positive"),

@@ -224,15 +224,19 @@ def scenario_to_dict(s: Scenario) -> dict[str, Any]:
     }
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def read_json_file(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """The JSON in ``path``; a missing or unreadable file, or bad JSON, raises ``error`` saying so."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as e:
-        raise ScenarioError(f"{path}: cannot read scenario file ({e.strerror})") from e
-    except json.JSONDecodeError as e:
-        raise ScenarioError(f"{path}: not valid JSON ({e})") from e
-    return scenario_from_dict(data)
+        raise error(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    return scenario_from_dict(read_json_file(path, "scenario file", ScenarioError))
 
 
 def shipped_scenario(name: str = "skippipe_gcp20") -> Scenario:
