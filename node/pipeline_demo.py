@@ -61,9 +61,10 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
     first = [r["losses"][0][2] for r in data]
     last = [r["losses"][-1][2] for r in data]
     times = [(r["losses"][-1][1] - r["losses"][0][1]) / max(1, len(r["losses"]) - 1) for r in data]
-    identical = all(
-        len({json.dumps(r["hashes"]) for r in reports if r["stage"] == s}) == 1 for s in range(stages)
-    )
+    def agree(pick) -> bool:  # every stage's replicas report the same thing
+        return all(len({json.dumps(pick(r)) for r in reports if r["stage"] == s}) == 1 for s in range(stages))
+
+    identical = agree(lambda r: r["hashes"][-1] if r["hashes"] else None)  # the weights at the end
     return {
         "nodes": len(reports),
         "stages": stages,
@@ -71,6 +72,7 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
         "loss_start": sum(first) / len(first) if first else None,
         "loss_end": sum(last) / len(last) if last else None,
         "replicas_identical": identical,
+        "replicas_identical_every_iteration": agree(lambda r: r["hashes"]),
         "mean_iteration_s": round(sum(times) / len(times), 3) if times else None,
         "rerouted": sum(r["rerouted"] for r in reports),
         "tokens_per_s": round(sum(r["tokens"] for r in data) / max(1e-9, max(r["seconds"] for r in data)), 1)
