@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ from node.pipeline_node import stage_module
 from protocol.keys import generate_private_key
 from protocol.runspec import make_spec
 from trainer.pipeline.leader import Leader, LeaderSettings
-from trainer.pipeline.runtime import (STATE_PART_TENSORS, PipelineError, PipelineSettings, PipelineWorker, fetch_state,
+from trainer.pipeline.runtime import (PipelineError, PipelineSettings, PipelineWorker, fetch_state,
                                       weights_hash)
 from trainer.pipeline.simulator import simulate
+from trainer.pipeline.state import StateTransferError
 from trainer.swarm import Peer, SwarmCallError
 
 
@@ -62,12 +64,13 @@ def test_state_travels_in_parts_and_loads_identically():
     a, b = worker(0), worker(0, me=b"\x02" * 32)
     train_once(a)
     train_once(a)
-    assert len(a.full_state()) > STATE_PART_TENSORS  # so that it takes more than one part
+    a.state_part_bytes = 64 << 10  # so that it takes several parts
 
     async def call(args):
         return await a._on_state(b"\x02" * 32, args, {})
 
-    iteration, state = asyncio.run(fetch_state(call))
+    iteration, state, lr = asyncio.run(fetch_state(call))
+    assert lr == 1e-2
     assert iteration == 0 and set(state) == set(a.full_state())
     b.load_full_state(state)
     mine, theirs = a.full_state(), b.full_state()
@@ -79,12 +82,13 @@ def test_state_travels_in_parts_and_loads_identically():
     train_once(b)
     assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters()))
     # weights only: one part, no optimizer state
-    _, weights = asyncio.run(fetch_state(call, weights_only=True))
+    _, weights, _ = asyncio.run(fetch_state(call, weights_only=True))
     assert weights and all(name.startswith("w/") for name in weights)
 
 
 def test_a_step_between_parts_fetches_again():
     a = worker(0)
+    a.state_part_bytes = 64 << 10
     train_once(a)
     calls = []
 
@@ -95,10 +99,39 @@ def test_a_step_between_parts_fetches_again():
             train_once(a)  # the node steps after answering part 0
         return result
 
-    _, state = asyncio.run(fetch_state(call))
+    _, state, _ = asyncio.run(fetch_state(call))
     assert calls[0] == 0 and calls.count(0) == 2  # the first round was thrown away
     now = a.full_state()
     assert all(torch.equal(state[n], now[n]) for n in now)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "does not match its sha256"),
+    ("garbage", "not valid safetensors"),
+    ("digest", "does not match the digest"),
+    ("extra", "one uint8 'safetensors' tensor"),
+])
+def test_damaged_state_is_refused_before_anything_loads(damage, message):
+    a = worker(0)
+    a.state_part_bytes = 64 << 10
+    train_once(a)
+
+    async def call(args):
+        result, tensors = await a._on_state(b"\x02" * 32, args, {})
+        blob = tensors["safetensors"].clone()
+        if damage == "flip" and args["part"] == 1:
+            blob[-1] ^= 1
+        if damage == "garbage":
+            blob = torch.zeros(16, dtype=torch.uint8)
+            result = {**result, "sha256": hashlib.sha256(bytes(16)).digest()}
+        if damage == "digest":
+            result = {**result, "digest": bytes(32)}
+        if damage == "extra":
+            return result, {"safetensors": blob, "more": blob}
+        return result, {"safetensors": blob}
+
+    with pytest.raises(StateTransferError, match=message):
+        asyncio.run(fetch_state(call))
 
 
 def test_state_part_out_of_range_is_refused():

@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,8 @@ import torch
 from protocol.errors import ProtocolError
 from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
+from trainer.pipeline.state import (STATE_PART_BYTES, encode_part, fetch_state, split_parts,  # noqa: F401 (re-exported)
+                                    state_digest)
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
@@ -88,31 +90,6 @@ class PipelineReport:
 
 
 MAX_PATH = 256  # hops of one path
-STATE_PART_TENSORS = 48  # tensors per pp.state answer, under the RPC's limit of 64
-
-
-async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weights_only: bool = False,
-                      attempts: int = 3) -> tuple[int, dict[str, torch.Tensor]]:
-    """(iteration, state) from a node's ``pp.state``, part by part; ``call(args)`` makes one call.
-    Parts of different versions (the node stepped in between) are fetched again."""
-    for _ in range(attempts):
-        first, state = await call({"part": 0, "weights_only": weights_only})
-        parts, version, iteration = first.get("parts"), first.get("version"), first.get("iteration")
-        if type(parts) is not int or not 1 <= parts <= 4096 or type(version) is not int or type(iteration) is not int:
-            raise PipelineError("pp.state answered without integer parts, version and iteration")
-        state = dict(state)
-        for part in range(1, parts):
-            result, more = await call({"part": part, "weights_only": weights_only})
-            if result.get("version") != version:
-                break
-            if set(more) & set(state):
-                raise PipelineError("pp.state parts overlap")
-            state.update(more)
-        else:
-            return iteration, state
-    raise PipelineError(f"the state changed during each of {attempts} fetches")
-
-
 def weights_hash(module: torch.nn.Module) -> bytes:
     h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
     for name, p in sorted(module.state_dict().items()):
@@ -152,7 +129,8 @@ class PipelineWorker:
         # themselves for the reducer, step alone and part ways for an iteration.
         self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
-        self._state_cache: tuple[tuple[int, bool], dict[str, torch.Tensor]] | None = None
+        self._state_cache: tuple[tuple[int, bool], tuple[dict, list[list[str]], bytes]] | None = None
+        self.state_part_bytes = STATE_PART_BYTES
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
         self._tasks: set[asyncio.Task] = set()  # hand-overs running after their handler answered
         for method, handler in (("pp.forward", self._on_forward), ("pp.backward", self._on_backward),
@@ -676,23 +654,22 @@ class PipelineWorker:
         self._version += 1
 
     async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
-        """One part of the state (``part``, default 0; ``weights_only`` leaves the optimizer out).
-        An RPC carries at most STATE_PART_TENSORS tensors; ``version`` changes whenever the state
-        does, so a caller can tell that its parts belong together."""
+        """One part of the state (``part``, default 0; ``weights_only`` leaves the optimizer out) as
+        safetensors; see trainer/pipeline/state.py."""
         part, weights_only = args.get("part", 0), args.get("weights_only", False)
         if type(part) is not int or not isinstance(weights_only, bool):
             raise PipelineError("pp.state takes an integer part and a boolean weights_only")
         key = (self._version, weights_only)
         if self._state_cache is None or self._state_cache[0] != key:
-            self._state_cache = (key, self.full_state(weights_only))
-        state = self._state_cache[1]
-        names = sorted(state)
-        parts = max(1, -(-len(names) // STATE_PART_TENSORS))
-        if not 0 <= part < parts:
-            raise PipelineError(f"part must be in 0..{parts - 1}")
-        chunk = names[part * STATE_PART_TENSORS:(part + 1) * STATE_PART_TENSORS]
-        return ({"iteration": self.iteration, "version": self._version, "part": part, "parts": parts},
-                {name: state[name] for name in chunk})
+            state = self.full_state(weights_only)
+            self._state_cache = (key, (state, split_parts(state, self.state_part_bytes), state_digest(state)))
+        state, parts, digest = self._state_cache[1]
+        if not 0 <= part < len(parts):
+            raise PipelineError(f"part must be in 0..{len(parts) - 1}")
+        sha, blob = encode_part(state, parts[part])
+        return ({"iteration": self.iteration, "version": self._version, "part": part, "parts": len(parts),
+                 "digest": digest, "sha256": sha, "lr": float(self.optimizer.param_groups[0]["lr"])},
+                {"safetensors": blob})
 
     async def _resync(self, peer: bytes) -> None:
         """Take ``peer``'s weights and optimizer state (after it stepped): ours had drifted from the stage's."""
@@ -700,7 +677,7 @@ class PipelineWorker:
             return await self.swarm.call(peer, "pp.state", args)
 
         try:
-            _, state = await fetch_state(call)
+            _, state, _ = await fetch_state(call)
             self.load_full_state(state)
         except (SwarmCallError, RuntimeError, ValueError, PipelineError) as error:
             logger.warning("could not take the state of %s: %s", peer.hex()[:12], error)
