@@ -99,7 +99,7 @@ def pipeline(args: argparse.Namespace, dtype: str, workdir: Path) -> dict:
         memory=args.memory, lr=args.lr, planner=args.planner, activation_dtype=dtype, name="bench-pipeline-gpu")
     began = time.monotonic()
     try:
-        reports = run_pipeline_swarm(workdir, spec, nodes, args.stages, args.timeout, device=args.device)
+        reports, _ = run_pipeline_swarm(workdir, spec, nodes, args.stages, args.timeout, device=args.device)
     except DemoError as error:
         for log in sorted(workdir.glob("*.log")):
             print(f"---- {log.name} (tail) ----\n{log.read_text(errors='replace')[-4000:]}", flush=True)

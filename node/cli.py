@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--run", default=None, help="the signed run spec (TOML)")
     _add_swarm_flags(node)
     node.add_argument("--public-name", default=None, help="name shown on the status page")
-    node.add_argument("--role", choices=("auto", "data", "stage"), default=None,
-                      help="pipeline role; auto takes the stage with the fewest live replicas")
+    node.add_argument("--role", choices=("auto", "data", "stage", "spare"), default=None,
+                      help="pipeline role; auto takes the stage with the fewest live replicas (a lost one first); "
+                           "spare waits and takes the first lost stage")
     node.add_argument("--stage", type=int, default=None, help="serve this pipeline stage")
     node.add_argument("--device", default=None, help="auto, cpu or cuda[:i]")
     node.add_argument("--token", default=None, help="join token (text) for a private run")
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
     node.add_argument("--report", default=None, metavar="FILE",
                       help="pipeline mode: write a JSON report (losses, paths, weight hashes) here when done")
+    node.add_argument("--keep-recovery-inputs", default=None, metavar="DIR",
+                      help="pipeline mode: when this node rebuilds a lost stage, keep the neighbour weights and "
+                           "gradient norms it used (safetensors and JSON) in DIR, to check the rebuild afterwards")
     node.add_argument("--emulate-links", default=None, metavar="FILE",
                       help="one-machine runs: delay this node's RPC messages as the links of a scenario would "
                            "(JSON: scenario, time_scale, bytes_scale, locations by public name; see docs/pipeline.md)")
@@ -147,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo)")
     demo.add_argument("--base-steps", type=int, default=60,
                       help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
+    demo.add_argument("--fail", default=None, metavar="SPEC",
+                      help="pipeline mode: kill -9 nodes during the run, e.g. stage=2@iter=5 (items joined by ',', "
+                           "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt")
+    demo.add_argument("--spares", type=int, default=None,
+                      help="pipeline mode: spare nodes that take lost stages (default: 1 with --fail, else 0)")
+    demo.add_argument("--recovery", choices=("checkfree", "random"), default="checkfree",
+                      help="pipeline mode: how a lost stage is rebuilt (checkfree: from its neighbours, with swap "
+                           "copies for the edge stages; random: re-initialised, the baseline)")
     demo.add_argument("--json", action="store_true",
                       help="pipeline and zo modes: the last line printed is one JSON object")
     return parser
@@ -373,7 +385,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                 from node.pipeline_node import run_pipeline_worker
 
                 report = Path(args.report) if getattr(args, "report", None) else None
-                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None))
+                keep = Path(args.keep_recovery_inputs) if getattr(args, "keep_recovery_inputs", None) else None
+                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None), keep)
             elif zo:
                 from node.zo_node import run_zo_worker
 
@@ -384,6 +397,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                 await node.run(stop)
                 return
             task = asyncio.create_task(worker)  # it sets stop when the run's work is done
+            task.add_done_callback(lambda _: stop.set())  # and when it fails: the node does not linger
             await node.run(stop)
             if task.done():
                 task.result()  # a failed worker's error reaches the user
@@ -478,8 +492,26 @@ def _demo_pipeline(args: argparse.Namespace) -> int:
         raise CliError(f"--nodes must be in {args.stages}..16: every stage needs a node")
     if args.iterations <= 0:
         raise CliError("--iterations must be positive")
+    failures = []
+    if args.fail is not None:
+        from trainer.recovery.failures import FailureSpecError, load_failure_schedule, parse_fail_spec
+
+        try:
+            failures = (load_failure_schedule(args.fail, args.stages) if Path(args.fail).is_file()
+                        else parse_fail_spec(args.fail, args.stages))
+        except FailureSpecError as error:
+            raise CliError(f"--fail: {error}") from None
+        if any(f.iteration >= args.iterations for f in failures):
+            raise CliError(f"--fail: every failure's iteration must be below --iterations ({args.iterations})")
+        if any(f.stage == 0 for f in failures) and nodes < args.stages + 1:
+            raise CliError("--fail: killing a data node needs a second one (more --nodes): stage 0 is copied "
+                           "from a live data node")
+    spares = (1 if failures else 0) if args.spares is None else args.spares
+    if not 0 <= spares <= 8:
+        raise CliError("--spares must be in 0..8")
     try:
-        result = run_demo(nodes, args.stages, args.iterations, args.json)
+        result = run_demo(nodes, args.stages, args.iterations, args.json, failures=failures, spares=spares,
+                          recovery=args.recovery)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:
@@ -489,6 +521,9 @@ def _demo_pipeline(args: argparse.Namespace) -> int:
           f"({result['mean_iteration_s']} s each): training loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
     print(f"replicas of every stage identical: {'yes' if result['replicas_identical'] else 'NO'}; "
           f"{result['tokens_per_s']:,} tokens/s over the data nodes")
+    for r in result.get("recoveries", []):
+        mttr = f"{r['mttr_s']:.1f} s after the kill" if "mttr_s" in r else "(no kill matched)"
+        print(f"stage {r['stage']} rebuilt by {r['method']} at iteration {r['iteration']}, serving again {mttr}")
     return 0 if result["replicas_identical"] else EXIT_FAILURE
 
 

@@ -177,7 +177,7 @@ def load_node_config(
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-ROLES = ("auto", "data", "stage")
+ROLES = ("auto", "data", "stage", "spare")
 
 
 def validate(config: NodeConfig) -> None:

@@ -316,7 +316,7 @@ async def _fetch_stage(rpc, stage: int, replicas: list, expected: dict) -> tuple
             return result, tensors
 
         try:
-            iteration, state, _ = await fetch_state(call, weights_only=True)
+            iteration, state, *_ = await fetch_state(call, weights_only=True)
             if iteration < 0:
                 raise ValueError(f"bad iteration {iteration!r}")
             weights = stage_weights(state)

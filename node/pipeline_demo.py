@@ -3,6 +3,7 @@ skip pipeline (stage i % S for node i; stage 0 nodes are the data nodes)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from node.zo_demo import DemoError, _first_maddr, _start, read_reports, stop_processes
 
 PROGRESS_EVERY_S = 5.0
+_ROLE_LINE = re.compile(r"role: (\w+)(?: stage (\d+))? —")
 
 
 def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int, preset: str = "tiny",
@@ -28,32 +30,122 @@ def write_pipeline_spec(workdir: Path, stages: int, iterations: int, nodes: int,
     return path
 
 
+def _last_int_after(text: str, marker: str) -> int | None:
+    """The integer after the last ``marker`` in ``text``."""
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    digits = ""
+    for ch in text[at + len(marker):]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+class FailureInjector:
+    """Kills (SIGKILL) the node processes that the failure list names, when the run reaches each
+    failure's iteration (read from the data nodes' logs). Which process serves which stage comes from
+    the role lines in their logs, so nodes that took a lost stage or moved count where they are now."""
+
+    def __init__(self, failures, procs) -> None:
+        self.pending = sorted(failures)
+        self.procs = procs
+        self.kills: list[dict] = []  # {stage, iteration, node, at}
+
+    def iteration(self) -> int:
+        """The iteration the run is in: one past the last any node finished."""
+        return max((_last_int_after(p.text(), "pipeline iteration ") or -1) + 1 for p in self.procs)
+
+    def poll(self) -> None:
+        if not self.pending:
+            return
+        iteration = self.iteration()
+        while self.pending and self.pending[0].iteration <= iteration:
+            failure = self.pending.pop(0)
+            serving = [p for p in self.procs if p.popen.poll() is None and _role_stage(p.text()) == failure.stage]
+            if len(serving) <= failure.replica:
+                self.kills.append({"stage": failure.stage, "iteration": iteration, "node": None, "at": time.time(),
+                                   "note": f"no replica {failure.replica} of stage {failure.stage} was running"})
+                continue
+            victim = serving[failure.replica]
+            victim.popen.kill()  # SIGKILL: no goodbye, like a crash
+            self.kills.append({"stage": failure.stage, "iteration": iteration, "node": victim.name, "at": time.time()})
+
+
+def _role_stage(log: str) -> int | None:
+    """The stage in the node's last 'role: ... stage N' log line (None for a spare)."""
+    found = _ROLE_LINE.findall(log)
+    return int(found[-1][1]) if found and found[-1][1] else None
+
+
 def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeout_s: float,
-                       progress=None, device: str = "cpu") -> list[dict]:
+                       progress=None, device: str = "cpu", spares: int = 0, failures=(),
+                       extra_args: dict[int, list[str]] | None = None,
+                       joins: list[tuple[int, list[str]]] = (),
+                       roles: dict[int, list[str]] | None = None) -> tuple[list[dict], list[dict]]:
+    """Node i serves stage i % stages (stage 0: data nodes); then ``spares`` spare nodes; ``joins``:
+    (iteration, role arguments) of nodes started when the run reaches that iteration. Returns the
+    reports of the nodes that finished (each with its ``process`` name) and the kills of
+    ``failures`` (see FailureInjector). ``extra_args``: more arguments for node i; ``roles``: role
+    arguments for node i instead of the default."""
     procs = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
         procs.append(boot)
         peer = _first_maddr(boot, 60)
-        for i in range(nodes):
-            stage = i % stages
-            role = ["--role", "data"] if stage == 0 else ["--stage", str(stage)]
+        def start(i: int, name: str, role: list[str]) -> None:
             procs.append(_start(workdir, f"node{i}", [
                 "node", "--run", str(spec), "--data-dir", str(workdir / f"node{i}"), "--initial-peers", peer,
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--device", device, "--report", str(workdir / f"node{i}.json"),
-                "--public-name", f"stage{stage}-{i}", *role]))
+                "--public-name", name, *role, *(extra_args or {}).get(i, [])]))
+
+        for i in range(nodes + spares):
+            stage = i % stages
+            role = ["--role", "spare"] if i >= nodes else ["--role", "data"] if stage == 0 else ["--stage", str(stage)]
+            role = (roles or {}).get(i, role)
+            start(i, f"spare{i - nodes}" if i >= nodes else f"stage{stage}-{i}", role)
+        injector = FailureInjector(failures, procs[1:])
+        waiting = sorted(joins, key=lambda j: j[0])
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()
         while not all(p.popen.poll() is not None for p in procs[1:]):
             if time.monotonic() > deadline:
                 raise DemoError(f"the swarm did not finish within {timeout_s:.0f} s; logs are in {workdir}")
+            injector.poll()
+            while waiting and waiting[0][0] <= injector.iteration():
+                start(len(procs) - 1, f"joiner{len(procs) - 1}", waiting.pop(0)[1])
+                injector.procs = procs[1:]
             if progress is not None and time.monotonic() - last > PROGRESS_EVERY_S:
                 last = time.monotonic()
                 progress(procs[1:])
-            time.sleep(0.5)
-        return read_reports(procs[1:], [workdir / f"node{i}.json" for i in range(nodes)])
+            time.sleep(0.25)
+        killed = {k["node"] for k in injector.kills}
+        left = [(p, workdir / f"node{i}.json") for i, p in enumerate(procs[1:]) if p.name not in killed]
+        reports = read_reports([p for p, _ in left], [path for _, path in left])
+        for (p, _), report in zip(left, reports):
+            report["process"] = p.name
+        return reports, injector.kills
     finally:
         stop_processes(procs)
+
+
+def recoveries_of(reports: list[dict], kills: list[dict]) -> list[dict]:
+    """Each rebuild or copy of a lost stage: method, and the time from the kill to the stage serving
+    again (mttr_s), split into detection (kill -> the leader saw it lost) and restore."""
+    out = []
+    for report in reports:
+        for r in report.get("recoveries", []):
+            before = [k for k in kills if k["stage"] == r["stage"] and k["node"] and k["at"] <= r["serving_at"]]
+            kill = max(before, key=lambda k: k["at"]) if before else None
+            item = {"stage": r["stage"], "method": r["method"], "node": report.get("process"),
+                    "iteration": r["iteration"], "restore_s": round(r["seconds"], 3)}
+            if kill is not None:
+                item["mttr_s"] = round(r["serving_at"] - kill["at"], 3)
+                if r.get("lost_at"):
+                    item["detection_s"] = round(r["lost_at"] - kill["at"], 3)
+            out.append(item)
+    return sorted(out, key=lambda r: (r.get("mttr_s") is None, r["stage"]))
 
 
 def summarize_pipeline(reports: list[dict], stages: int) -> dict:
@@ -80,11 +172,12 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
     }
 
 
-def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s: float = 1800.0) -> dict:
+def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s: float = 1800.0,
+             failures=(), spares: int = 0, recovery: str = "checkfree") -> dict:
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if as_json else print
     with tempfile.TemporaryDirectory(prefix="swarmtrain-pipeline-demo-") as tmp:
         workdir = Path(tmp)
-        spec = write_pipeline_spec(workdir, stages, iterations, nodes)
+        spec = write_pipeline_spec(workdir, stages, iterations, nodes, recovery=recovery)
         say(f"starting {nodes} node processes: a {stages}-stage skip pipeline of the tiny preset on the embedded "
             f"data, {iterations} iterations", flush=True)
 
@@ -97,5 +190,13 @@ def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s:
             if lines:
                 say("  " + lines[-1], flush=True)
 
-        reports = run_pipeline_swarm(workdir, spec, nodes, stages, timeout_s, None if as_json else progress)
-    return summarize_pipeline(reports, stages)
+        if failures:
+            say(f"with {spares} spare node(s) and failures: "
+                + ", ".join(f"stage {f.stage} at iteration {f.iteration}" for f in failures), flush=True)
+        reports, kills = run_pipeline_swarm(workdir, spec, nodes, stages, timeout_s,
+                                            None if as_json else progress, spares=spares, failures=failures)
+    summary = summarize_pipeline([r for r in reports if r["stage"] is not None], stages)
+    if failures:
+        summary["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in kills]
+        summary["recoveries"] = recoveries_of(reports, kills)
+    return summary

@@ -5,20 +5,28 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 
+from node.roles import RoleChoice
 from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
+from protocol.messages import NodeState, Role
 from protocol.runspec import RunSpec
 from trainer.data import batches, load_domain, split_domain
 from trainer.model import ModelConfig, build_stage, stage_block_ranges
 from trainer.pipeline.leader import SCHEDULE_RECORD, Leader, LeaderSettings
-from trainer.pipeline.runtime import PipelineSettings, PipelineWorker
+from trainer.pipeline.runtime import PipelineReport, PipelineSettings, PipelineWorker
+from trainer.recovery.jobs import CLAIM_RECORD, RECOVERY_RECORD, claim_winner, jobs_from_record, moves_from_record
+from trainer.recovery.rebuild import RecoveryError
+from trainer.recovery.restore import restore
+from trainer.swarm import SwarmCallError
 
-RECORD_NAMES = (SCHEDULE_RECORD,)
+RECORD_NAMES = (SCHEDULE_RECORD, RECOVERY_RECORD, CLAIM_RECORD)
 
 logger = logging.getLogger(__name__)
 
@@ -37,68 +45,195 @@ def data_stream(spec: RunSpec, node_id: bytes):
 
 
 def parse_fault(fault: str | None) -> dict:
-    """Testing only: ``kill-after-forwards-N`` makes a stage node SIGKILL itself on its (N+1)-th forward."""
+    """Testing only: ``kill-after-forwards-N`` makes a stage node SIGKILL itself on its (N+1)-th
+    forward; ``kill-during-restore`` makes a node SIGKILL itself once it fetched the first state it
+    restores its stage from."""
     if not fault:
         return {}
     prefix = "kill-after-forwards-"
     if fault.startswith(prefix) and fault[len(prefix):].isdigit():
         return {"die_after_forwards": int(fault[len(prefix):])}
-    raise ValueError(f"unknown fault {fault!r}; known: {prefix}N")
+    if fault == "kill-during-restore":
+        return {"die_during_restore": True}
+    raise ValueError(f"unknown fault {fault!r}; known: {prefix}N, kill-during-restore")
+
+
+def _die() -> None:
+    logger.warning("fault injection: SIGKILL in the middle of a restore")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def take_lost_stage(node: Node, swarm: HivemindSwarm, stop: asyncio.Event,
+                          lease_s: float = 120.0) -> tuple[int, float] | None:
+    """A spare: wait for a lost stage on the leader's job board and take it with a lease (smallest
+    claiming id wins); (stage, when it was lost), or None when the run ends first."""
+    spec, interval = node.spec, node.timeouts.heartbeat_interval_s
+    logger.info("spare: waiting for a lost stage")
+    while not stop.is_set():
+        known = [p for p in await swarm.peers(fresh=True, live_only=False)
+                 if p.role in ("data", "stage") and p.stage is not None]
+        peers = [p for p in known if p.state in ("JOINING", "ONLINE")]
+        finished = any(p.metrics.get("iteration", 0) >= spec.train.steps for p in known if p.stage == 0)
+        if finished or (not peers and any(p.state == "LEAVING" for p in known)):
+            logger.info("spare: the run is over")
+            return None
+        if peers:
+            try:
+                jobs = jobs_from_record((await swarm.read(RECOVERY_RECORD)).get(min(p.id for p in peers)))
+                served = {p.stage for p in peers}
+                live = {p.id for p in await swarm.peers()} | {swarm.my_id}
+                jobs = {s: t for s, t in jobs.items() if 0 < s < spec.pipeline.stages and s not in served}
+                for stage in sorted(jobs):
+                    winner = claim_winner(await swarm.read(CLAIM_RECORD), stage, time.time(), live)
+                    if winner is not None and winner < swarm.my_id:
+                        continue
+                    await swarm.publish(CLAIM_RECORD, {"stage": stage, "until": time.time() + lease_s}, lease_s)
+                    await asyncio.sleep(interval)  # let rival claims land
+                    if claim_winner(await swarm.read(CLAIM_RECORD), stage, time.time(), live) == swarm.my_id:
+                        logger.info("spare: took lost stage %d (lost %.1f s ago)", stage, time.time() - jobs[stage])
+                        return stage, jobs[stage]
+            except (SwarmCallError, ValueError) as error:
+                logger.info("spare: could not read the job board: %s", error)
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+    return None
+
+
+async def _wait_for_start(node: Node, worker: PipelineWorker, stop: asyncio.Event) -> None:
+    """Before the first iteration: min_nodes live and a replica of every stage, so that the replicas
+    of a stage reduce together from the start. A run already under way is joined at once."""
+    pipe = node.spec.pipeline
+    waiting_since = time.monotonic()
+    while not stop.is_set():
+        peers = await worker.swarm.peers(fresh=True)
+        if any(p.metrics.get("iteration", 0) > 0 for p in peers if p.role in ("data", "stage")):
+            return
+        replicas = await worker._replicas()
+        live = sum(map(len, replicas.values()))
+        missing = [s for s in range(pipe.stages) if not replicas.get(s)]
+        if not missing and live >= pipe.min_nodes:
+            await worker._replicas(fresh=True)  # one more look: others may be a heartbeat behind us
+            return
+        if time.monotonic() - waiting_since > 30:
+            waiting_since = time.monotonic()
+            logger.info("waiting to start: %d of pipeline.min_nodes=%d nodes live%s", live, pipe.min_nodes,
+                        f", no replica of stage(s) {missing}" if missing else "")
+        await asyncio.sleep(worker.settings.retry_s * 2)
 
 
 async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path | None = None,
-                              fault: str | None = None) -> None:
-    """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``."""
+                              fault: str | None = None, keep_recovery_inputs: Path | None = None) -> None:
+    """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``.
+    A spare first waits for a lost stage; a node the leader moves serves its new stage from then on."""
     spec = node.spec
     torch.set_num_threads(1)
     await node.online.wait()
-    assert node.role is not None and node.role.stage is not None
-    stage = node.role.stage
+    assert node.role is not None
+    swarm = HivemindSwarm(node)
+    lost_at: float | None = None
+    if node.role.role == Role.SPARE:
+        taken = await take_lost_stage(node, swarm, stop)
+        if taken is None:
+            if report_path is not None:
+                _write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
+            stop.set()
+            return
+        stage, lost_at = taken
+    else:
+        assert node.role.stage is not None
+        stage = node.role.stage
+    started = time.time()
+    first = True
+    recoveries: list[dict] = []  # how this node took the state of each stage it served mid-run
+    moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
+    while True:
+        worker, leader, report = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
+                                                    lost_at, first, started, recoveries)
+        first = False
+        if report.moved_to is None or stop.is_set():
+            break
+        moves.append([stage, report.moved_to])
+        stage, lost_at = report.moved_to, report.moved_lost_at
+        # no longer counted as a replica of the old stage (data nodes: no pp.done to wait for) while it restores
+        node.role = RoleChoice(Role.SPARE, None, f"moving to lost stage {stage}")
+        await node.announce(NodeState.ONLINE)
+    if report_path is not None:
+        out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
+               "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
+               "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
+               "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
+               "plans": report.plans, "published": leader.published, "phases": report.phases,
+               "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0,
+               "grad_norms": report.grad_norms, "first_iteration": report.first_iteration,
+               "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log}
+        _write_json(report_path, out)
+    stop.set()
+
+
+def _write_json(path: Path, body: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
+
+
+async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
+                       keep_recovery_inputs: Path | None, lost_at: float | None, first: bool,
+                       started: float, recoveries: list[dict]) -> tuple[PipelineWorker, Leader, PipelineReport]:
+    spec, pipe = node.spec, node.spec.pipeline
     module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
     data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
-    pipe = spec.pipeline
     settings = PipelineSettings(num_stages=pipe.stages, path_length=pipe.path_length, swap=pipe.swap,
                                 microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
                                 use_leader=pipe.planner == "leader",
                                 activation_dtype=getattr(torch, pipe.activation_dtype))
-    swarm = HivemindSwarm(node)
-    worker = PipelineWorker(swarm, stage, module, settings, data, **parse_fault(fault))
+    faults = parse_fault(fault) if first else {}
+    die_during_restore = faults.pop("die_during_restore", False)
+    worker = PipelineWorker(swarm, stage, module, settings, data, **faults)
     cfg = ModelConfig.from_preset(spec.model.preset)
     leader = Leader(swarm, LeaderSettings(
         microbatches=pipe.microbatches, microbatch_size=pipe.microbatch_size, memory=pipe.memory,
         path_length=pipe.path_length, num_stages=pipe.stages, layers_per_stage=max(1, cfg.n_layers // pipe.stages),
         activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * getattr(torch, pipe.activation_dtype).itemsize,
-        period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule), stage)
-    # before the first iteration: min_nodes live and a replica of every stage, so that the replicas of
-    # a stage reduce together from the start
-    waiting_since = time.monotonic()
-    while not stop.is_set():
-        replicas = await worker._replicas(fresh=True)
-        live = sum(map(len, replicas.values()))
-        missing = [s for s in range(pipe.stages) if not replicas.get(s)]
-        if not missing and live >= pipe.min_nodes:
-            await worker._replicas(fresh=True)  # one more look: others may be a heartbeat behind us
-            break
-        if time.monotonic() - waiting_since > 30:
-            waiting_since = time.monotonic()
-            logger.info("waiting to start: %d of pipeline.min_nodes=%d nodes live%s", live, pipe.min_nodes,
-                        f", no replica of stage(s) {missing}" if missing else "")
-        await asyncio.sleep(settings.retry_s * 2)
-    started = time.time()
+        period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s), stage)
+    announced = node.role is not None and node.role.stage == stage
+    if first and announced:
+        await _wait_for_start(node, worker, stop)
+    try:
+        record = await restore(worker, pipe.recovery, pipe.swap, keep_recovery_inputs,
+                               _die if die_during_restore else None)
+    except RecoveryError as error:
+        logger.error("could not restore stage %d: %s; starting from the run's initial weights", stage, error)
+        record = None
+    if record is not None:
+        record["lost_at"] = lost_at
+        recoveries.append(record)
+    if not announced:
+        node.role = RoleChoice(Role.DATA if stage == 0 else Role.STAGE, stage,
+                               f"took lost stage {stage}" + (f" by {record['method']}" if record else ""))
+        logger.info("role: %s stage %d — %s", node.role.role.value, stage, node.role.reason)
+        await node.announce(NodeState.ONLINE)
+        if record is not None:
+            record["serving_at"] = time.time()
+    elif record is not None:
+        record["serving_at"] = time.time()
 
     async def publish_metrics() -> None:
-        """What observers see in this node's heartbeats."""
+        """What observers see in this node's heartbeats; and whether the leader asks us to move."""
         while not stop.is_set():
             r = worker.report
             node.step = worker.iteration
             node.metrics.update(iteration=float(worker.iteration), compute_s=r.compute_s,
                                 compute_ms_per_microbatch=1000 * r.compute_s / max(1, r.microbatches),
-                                bytes_sent=float(node.rpc.stats.sent if node.rpc else 0))
+                                bytes_sent=float(node.rpc.stats.sent if node.rpc else 0),
+                                grad_norm=worker.grad_norm)
             if r.losses:
                 node.metrics["loss"] = r.losses[-1][2]
             if stage == 0:
                 node.metrics["tokens_per_s"] = r.tokens / max(1e-9, time.time() - started)
+            await _check_moves(swarm, worker)
             try:
                 await asyncio.wait_for(stop.wait(), node.timeouts.heartbeat_interval_s)
             except TimeoutError:
@@ -112,14 +247,19 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
         metrics.cancel()
         if leading is not None:
             leading.cancel()
-    if report_path is not None:
-        out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
-               "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
-               "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
-               "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
-               "plans": report.plans, "published": leader.published, "phases": report.phases,
-               "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0}
-        tmp = report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(report_path)
-    stop.set()
+    return worker, leader, report
+
+
+async def _check_moves(swarm: HivemindSwarm, worker: PipelineWorker) -> None:
+    """The leader may name this node to move into a lost stage (trainer/recovery/jobs.py)."""
+    try:
+        peers = [p for p in await swarm.peers() if p.role in ("data", "stage")]
+        leader = min([p.id for p in peers] + [swarm.my_id])
+        board = (await swarm.read(RECOVERY_RECORD)).get(leader)
+    except (SwarmCallError, ValueError):
+        return
+    target = moves_from_record(board).get(swarm.my_id)
+    if target is not None and target != worker.stage and worker.move_to is None:
+        logger.warning("the leader moves this node from stage %d to lost stage %d", worker.stage, target)
+        worker.report.moved_lost_at = jobs_from_record(board).get(target)
+        worker.move_to = target

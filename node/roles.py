@@ -28,8 +28,12 @@ def choose_role(
         return RoleChoice(Role.ZO, None, "mode zo: every node holds a full replica")
     if mode == "experts":
         return RoleChoice(Role.EXPERT, None, "mode experts: the node claims expert jobs")
-    if requested not in ("auto", "data", "stage"):
-        raise RoleError(f"role {requested!r} is not one of auto, data, stage for a pipeline run")
+    if requested not in ("auto", "data", "stage", "spare"):
+        raise RoleError(f"role {requested!r} is not one of auto, data, stage, spare for a pipeline run")
+    if requested == "spare":
+        if stage is not None:
+            raise RoleError("a spare serves no stage until one is lost; drop --stage or --role spare")
+        return RoleChoice(Role.SPARE, None, "requested spare: takes the first lost stage")
     if stage is not None and not 0 <= stage < num_stages:
         raise RoleError(f"stage {stage} does not exist: the run has stages 0..{num_stages - 1}")
     if requested == "data" and stage not in (None, 0):

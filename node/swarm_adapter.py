@@ -106,6 +106,9 @@ class HivemindSwarm:
             raise SwarmCallError(str(error)) from None
         return result.tensors, result.group_size
 
+    async def report_event(self, event: str, detail: str) -> None:
+        await self.node.report_event(event, detail)
+
     async def read(self, name: str) -> dict[bytes, dict]:
         assert self.node.swarm is not None, "the node has not started"
         try:

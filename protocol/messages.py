@@ -45,6 +45,7 @@ class NodeState(str, Enum):
 class Role(str, Enum):
     DATA = "data"
     STAGE = "stage"
+    SPARE = "spare"  # pipeline: serves nothing until it takes a lost stage
     EXPERT = "expert"
     ZO = "zo"
     OBSERVER = "observer"

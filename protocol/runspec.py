@@ -22,6 +22,7 @@ RUN_ID_BYTES = 16
 MODES = ("pipeline", "zo", "experts")
 SCHEDULES = ("skip", "full", "random_skip")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
+RECOVERIES = ("checkfree", "random")
 ACCESS = ("public", "private")
 SWAPS = ("none", "checkfree_plus")
 MAX_STAGES = 1024
@@ -77,6 +78,10 @@ class PipelineSection:
     planner: str = "leader"  # leader: measured, scheduled paths; local: each data node round-robins, network-blind
     schedule: str = "skip"  # what the leader plans: skip (the scheduler), or the baselines full and random_skip
     activation_dtype: str = "float32"  # activations and their gradients between stages: float32, bfloat16, float16
+    # a lost stage (no live replica) is rebuilt by: checkfree (from its neighbours; with swap
+    # checkfree_plus the edge stages copy their swap partners) or random (re-initialised: the baseline)
+    recovery: str = "checkfree"
+    move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,8 @@ def check_spec(spec: RunSpec) -> None:
     _require(pipe.schedule in SCHEDULES, f"pipeline.schedule: {pipe.schedule!r} is not one of {', '.join(SCHEDULES)}")
     _require(pipe.activation_dtype in ACTIVATION_DTYPES,
              f"pipeline.activation_dtype: {pipe.activation_dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
+    _require(pipe.recovery in RECOVERIES, f"pipeline.recovery: {pipe.recovery!r} is not one of {', '.join(RECOVERIES)}")
+    _require(0 <= pipe.move_after_s <= 86400, "pipeline.move_after_s: must be in 0..86400")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(

@@ -69,7 +69,8 @@ def test_state_travels_in_parts_and_loads_identically():
     async def call(args):
         return await a._on_state(b"\x02" * 32, args, {})
 
-    iteration, state, lr = asyncio.run(fetch_state(call))
+    iteration, state, lr, norm = asyncio.run(fetch_state(call))
+    assert norm == a.grad_norm > 0
     assert lr == 1e-2
     assert iteration == 0 and set(state) == set(a.full_state())
     b.load_full_state(state)
@@ -82,7 +83,7 @@ def test_state_travels_in_parts_and_loads_identically():
     train_once(b)
     assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters()))
     # weights only: one part, no optimizer state
-    _, weights, _ = asyncio.run(fetch_state(call, weights_only=True))
+    _, weights, *_ = asyncio.run(fetch_state(call, weights_only=True))
     assert weights and all(name.startswith("w/") for name in weights)
 
 
@@ -99,7 +100,7 @@ def test_a_step_between_parts_fetches_again():
             train_once(a)  # the node steps after answering part 0
         return result
 
-    _, state, _ = asyncio.run(fetch_state(call))
+    _, state, *_ = asyncio.run(fetch_state(call))
     assert calls[0] == 0 and calls.count(0) == 2  # the first round was thrown away
     now = a.full_state()
     assert all(torch.equal(state[n], now[n]) for n in now)

@@ -63,6 +63,10 @@ class Swarm(Protocol):
         """Every valid record under ``name``, by signer."""
         ...
 
+    async def report_event(self, event: str, detail: str) -> None:
+        """Record an event (protocol.messages.KNOWN_EVENTS) about this node where observers read events."""
+        ...
+
     async def average(
         self, group: str, tensors: Tensors, weight: float = 1.0, *, group_size: int | None = None
     ) -> tuple[dict[str, torch.Tensor], int]:

@@ -25,6 +25,8 @@ from trainer.pipeline.scenario import Link, Node, Scenario
 from trainer.pipeline.schedule import Schedule
 from trainer.pipeline.scheduler import SchedulerConfig, plan_schedule
 from trainer.pipeline.simulator import simulate
+from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, StageWatch, choose_mover, claim_winner,
+                                   jobs_from_record)
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class LeaderSettings:
     plan_evaluations: int = 300
     record_ttl_s: float = 120.0
     policy: str = "skip"  # skip: the scheduler; full or random_skip: the baselines, for comparisons
+    move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
 
 
 async def probe(swarm: Swarm, target: bytes, nbytes: int) -> tuple[float, float]:
@@ -76,6 +79,9 @@ class Leader:
         self._measured_at = 0.0
         self._links: dict[tuple[bytes, bytes], tuple[float, float]] = {}
         self.published: list[dict] = []  # what this node published, for reports
+        self.watch = StageWatch(settings.num_stages)
+        self.moves: dict[bytes, int] = {}  # node -> the lost stage it was asked to move to
+        self.recovery_log: list[dict] = []  # lost and recovered stages this node saw while leading
         swarm.serve("pp.probe", self._on_probe)
 
     async def _on_probe(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
@@ -116,7 +122,8 @@ class Leader:
             return
         stage_of = {p.id: p.stage for p in peers}
         stage_of[self.me] = self.stage
-        if any(not any(s == stage for s in stage_of.values()) for stage in range(self.settings.num_stages)):
+        await self._watch_stages(stage_of, {p.id for p in await self.swarm.peers()} | {self.me})
+        if self.watch.lost:
             return  # a stage without a replica: data nodes plan around it themselves
         stale = time.monotonic() - self._measured_at > self.settings.remeasure_s
         if live == self._live and not stale:
@@ -140,6 +147,58 @@ class Leader:
                                              if a in live and b in live]})
             logger.info("published schedule v%d for %d nodes (%s; simulated iteration %.2f s)", self.version,
                         len(ids), self.settings.policy, predicted)
+
+    async def _watch_stages(self, stage_of: dict[bytes, int], live: set[bytes]) -> None:
+        """Lost stages: events, the job board (``pp.recovery``) and, when nobody claims a job in time,
+        a node moved from the most replicated stage (see trainer/recovery/jobs.py)."""
+        now = time.time()
+        had_lost = bool(self.watch.lost)
+        newly, back = self.watch.update(stage_of, now)
+        if newly and not had_lost:
+            try:  # a previous leader may have seen these stages go earlier
+                for body in (await self.swarm.read(RECOVERY_RECORD)).values():
+                    self.watch.adopt(body)
+            except (SwarmCallError, ValueError):
+                pass
+        for stage in newly:
+            self.recovery_log.append({"stage": stage, "lost_at": self.watch.lost[stage]})
+            logger.warning("stage %d is lost: no live replica", stage)
+            await self._event("stage_lost", f"stage {stage} has no live replica")
+        for stage, lost_s in back:
+            self.recovery_log.append({"stage": stage, "back_at": now, "lost_s": lost_s})
+            logger.info("stage %d is served again after %.1f s", stage, lost_s)
+            await self._event("recovery", f"stage {stage} is served again after {lost_s:.1f} s")
+        self.moves = {node: stage for node, stage in self.moves.items()
+                      if stage in self.watch.lost and node in stage_of}
+        if self.watch.lost:
+            try:
+                claims = await self.swarm.read(CLAIM_RECORD)
+            except (SwarmCallError, ValueError):
+                claims = {}
+            for stage, lost_at in sorted(self.watch.lost.items()):
+                if (stage == 0 or stage in self.moves.values() or now - lost_at < self.settings.move_after_s
+                        or claim_winner(claims, stage, now, live) is not None):
+                    continue
+                movable = {n: s for n, s in stage_of.items() if n not in self.moves}
+                choice = choose_mover(movable, self.settings.num_stages)
+                if choice is None:
+                    logger.warning("stage %d: nobody claimed it in %.0f s and no stage has a replica to spare",
+                                   stage, self.settings.move_after_s)
+                    continue
+                node, origin, why = choice
+                self.moves[node] = stage
+                logger.warning("stage %d: nobody claimed it in %.0f s; %s moves there from stage %d (%s)", stage,
+                               self.settings.move_after_s, node.hex()[:12], origin, why)
+        if self.watch.lost or had_lost:
+            body = {"lost": [[s, t] for s, t in sorted(self.watch.lost.items())],
+                    "moves": [[n, s] for n, s in sorted(self.moves.items())]}
+            await self.swarm.publish(RECOVERY_RECORD, body, max(4 * self.settings.period_s, 10.0))
+
+    async def _event(self, event: str, detail: str) -> None:
+        try:
+            await self.swarm.report_event(event, detail)
+        except (SwarmCallError, ValueError, OSError) as error:
+            logger.info("could not record event %s: %s", event, error)
 
     def _plan(self, scenario: Scenario, son: dict[int, int]) -> tuple[Schedule, float]:
         """The schedule of the run's policy over the live nodes, and its simulated iteration time."""

@@ -87,9 +87,16 @@ class PipelineReport:
     # per iteration: (iteration, unix start, seconds of microbatches (data nodes) or of waiting for
     # them (stage nodes), seconds of the reduce and step)
     phases: list[tuple[int, float, float, float]] = field(default_factory=list)
+    grad_norms: list[tuple[int, float]] = field(default_factory=list)  # norm of the averaged gradient, per step
+    first_iteration: int = 0  # a node that joined a running run starts here
+    recoveries: list[dict] = field(default_factory=list)  # how this node took its stage's state (recovery)
+    moved_to: int | None = None  # the run's leader asked this node to serve another stage
+    moved_lost_at: float | None = None  # when that stage was lost, by the leader's job board
 
 
 MAX_PATH = 256  # hops of one path
+
+
 def weights_hash(module: torch.nn.Module) -> bytes:
     h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
     for name, p in sorted(module.state_dict().items()):
@@ -129,6 +136,8 @@ class PipelineWorker:
         # themselves for the reducer, step alone and part ways for an iteration.
         self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
+        self.grad_norm = 0.0  # of the last averaged gradient; 0 before the first step
+        self.move_to: int | None = None  # set from outside: leave after this iteration for that stage
         self._state_cache: tuple[tuple[int, bool], tuple[dict, list[list[str]], bytes]] | None = None
         self.state_part_bytes = STATE_PART_BYTES
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
@@ -155,6 +164,11 @@ class PipelineWorker:
     async def run(self, stop: asyncio.Event) -> PipelineReport:
         started = time.time()
         while not stop.is_set() and self.iteration < self.settings.iterations:
+            if self.move_to is not None and self.move_to != self.stage:
+                self.report.moved_to = self.move_to
+                logger.info("leaving stage %d for stage %d after iteration %d", self.stage, self.move_to,
+                            self.iteration - 1)
+                break
             k = self.iteration
             began = time.time()
             if self.stage == 0:
@@ -237,6 +251,8 @@ class PipelineWorker:
             self.report.compute_s += time.perf_counter() - began
             self.report.microbatches += 1
             for attempt in range(self.settings.microbatch_attempts):
+                if attempt:
+                    path = await self._live_path(path)
                 arrived = await self._travel(k, m, attempt, "x", path, self._wire(x0),
                                              lambda route, t: self._pass_on(k, self.me, m, attempt, route, t, [], 0, 0))
                 if arrived is not None:
@@ -271,21 +287,49 @@ class PipelineWorker:
             self.report.tokens += tokens.numel()
             return float(loss)
 
+    async def _live_path(self, path: list[Hop]) -> list[Hop]:
+        """``path`` with each hop whose node left the view moved to a live replica of its stage,
+        or dropped (the stage skipped) when none is left."""
+        replicas = await self._replicas(fresh=True)
+        out = []
+        for stage, node in path:
+            live = replicas.get(stage, [])
+            if node in live:
+                out.append((stage, node))
+            elif live:
+                out.append((stage, live[0]))
+        return out
+
     async def _travel(self, k: int, m: int, attempt: int, kind: str, route: list[Hop], t: torch.Tensor,
                       send) -> tuple[dict, torch.Tensor] | None:
         """Send ``t`` along ``route`` (with ``send``) and wait for what the route's end delivers
         back here (``pp.arrive``); None when nothing came within the timeout."""
         if not route:
             return {"visited": [], "skipped": 0, "rerouted": 0}, t
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._arrivals[(k, m, attempt, kind)] = future
+        deadline = loop.time() + self.settings.arrival_timeout_s
         try:
             await send(route, t)
-            return await asyncio.wait_for(future, self.settings.arrival_timeout_s)
-        except TimeoutError:
+            while loop.time() < deadline:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(self.settings.retry_s * 4,
+                                                                             max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    # a node of the route that died holding the microbatch would never pass it on:
+                    # give up on this attempt as soon as the view says so, not at the deadline
+                    live = {n for ids in (await self._replicas()).values() for n in ids}
+                    gone = [n for _, n in route if n not in live]
+                    if gone:
+                        logger.info("microbatch %d (%s): %s left the swarm; not waiting for it", m, kind,
+                                    gone[0].hex()[:12])
+                        return None
             return None
         finally:
             self._arrivals.pop((k, m, attempt, kind), None)
+            if not future.done():
+                future.cancel()
 
     async def _pass_on(self, k: int, origin: bytes, m: int, attempt: int, route: list[Hop], x: torch.Tensor,
                        visited: list[Hop], skipped: int, rerouted: int) -> None:
@@ -346,7 +390,10 @@ class PipelineWorker:
     async def _deliver(self, origin: bytes, args: dict, tensors: dict) -> None:
         """``pp.arrive`` at the data node (or straight into its future when that is this node)."""
         if origin == self.me:
-            await self._on_arrive(self.me, args, tensors)
+            try:
+                await self._on_arrive(self.me, args, tensors)
+            except PipelineError as error:  # late or twice (an attempt given up on): nothing waits for it
+                logger.info("microbatch %d: %s", args["mb"], error)
             return
         for attempt in range(self.settings.hop_attempts):
             try:
@@ -382,7 +429,11 @@ class PipelineWorker:
             try:
                 await asyncio.wait_for(self._done_event.wait(), self.settings.retry_s * 4)
             except TimeoutError:
-                pass
+                # a pp.done can miss us (we joined after it was sent): a data node whose heartbeat
+                # says it is past iteration k has finished it
+                for p in await self.swarm.peers():
+                    if p.stage == 0 and p.metrics.get("iteration", 0) > k:
+                        self._mark_done(p.id, k)
         logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
 
     def _mark_done(self, data_node: bytes, k: int) -> None:
@@ -519,6 +570,10 @@ class PipelineWorker:
     def _step(self, averaged: dict[str, torch.Tensor]) -> None:
         for name, p in self.module.named_parameters():
             p.grad = averaged[name].to(p.device, copy=True)
+        # the stage's last gradient norm: what CheckFree weighs neighbours by (trainer/recovery)
+        self.grad_norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.module.parameters()])))
+        self.report.grad_norms.append((self.iteration, self.grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._count = 0
@@ -639,7 +694,8 @@ class PipelineWorker:
                 out[f"o/{index[id(p)]}/{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
         return out
 
-    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_full_state(self, state: dict[str, torch.Tensor], lr: float | None = None) -> None:
+        """A replica's weights and optimizer state (and its learning rate, when given)."""
         weights = {name[2:]: t for name, t in state.items() if name.startswith("w/")}
         self.module.load_state_dict(weights)  # strict: names and shapes must match
         params = dict(self.module.named_parameters())
@@ -651,6 +707,25 @@ class PipelineWorker:
                     raise RuntimeError(f"optimizer state for unknown parameter {param}")
                 # AdamW keeps its step count on the CPU and its moments beside the parameter
                 self.optimizer.state[params[param]][key] = t.clone() if key == "step" else t.to(params[param].device)
+        if lr is not None:
+            self.set_lr(lr)
+        self._version += 1
+
+    async def begin_at(self, k: int) -> None:
+        """Start at iteration ``k`` (a node joining a run under way, once it holds the stage's state)."""
+        async with self._iteration_changed:
+            self.iteration = self.report.iterations = self.report.first_iteration = k
+            self._iteration_changed.notify_all()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def load_rebuilt(self, weights: dict[str, torch.Tensor], lr: float) -> None:
+        """Weights rebuilt for a lost stage, with a fresh optimizer at ``lr``."""
+        self.module.load_state_dict(weights)
+        self.optimizer.state.clear()
+        self.set_lr(lr)
         self._version += 1
 
     async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
@@ -668,7 +743,8 @@ class PipelineWorker:
             raise PipelineError(f"part must be in 0..{len(parts) - 1}")
         sha, blob = encode_part(state, parts[part])
         return ({"iteration": self.iteration, "version": self._version, "part": part, "parts": len(parts),
-                 "digest": digest, "sha256": sha, "lr": float(self.optimizer.param_groups[0]["lr"])},
+                 "digest": digest, "sha256": sha, "lr": float(self.optimizer.param_groups[0]["lr"]),
+                 "grad_norm": self.grad_norm},
                 {"safetensors": blob})
 
     async def _resync(self, peer: bytes) -> None:
@@ -677,8 +753,8 @@ class PipelineWorker:
             return await self.swarm.call(peer, "pp.state", args)
 
         try:
-            _, state, _ = await fetch_state(call)
-            self.load_full_state(state)
+            remote = await fetch_state(call)
+            self.load_full_state(remote.state, remote.lr)
         except (SwarmCallError, RuntimeError, ValueError, PipelineError) as error:
             logger.warning("could not take the state of %s: %s", peer.hex()[:12], error)
             return

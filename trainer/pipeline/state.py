@@ -29,6 +29,7 @@ class RemoteState(NamedTuple):
     iteration: int  # the sender's iteration when it answered
     state: dict[str, torch.Tensor]
     lr: float | None  # the sender's learning rate, when it said
+    grad_norm: float | None  # the norm of the sender's last averaged gradient, when it said
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -89,6 +90,9 @@ async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weig
             raise StateTransferError("pp.state answered without integer parts, version, iteration and a digest")
         if lr is not None and (type(lr) is not float or not 0 < lr < 1e3):
             raise StateTransferError(f"pp.state answered with a bad learning rate {lr!r}")
+        norm = first.get("grad_norm")
+        if norm is not None and (type(norm) is not float or not 0 <= norm < float("inf")):
+            raise StateTransferError(f"pp.state answered with a bad gradient norm {norm!r}")
         state = decode_part(first, tensors)
         for part in range(1, parts):
             result, more = await call({"part": part, "weights_only": weights_only})
@@ -101,5 +105,5 @@ async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weig
         else:
             if state_digest(state) != digest:
                 raise StateTransferError("the assembled state does not match the digest its sender gave")
-            return RemoteState(iteration, state, lr)
+            return RemoteState(iteration, state, lr, norm)
     raise StateTransferError(f"the state changed during each of {attempts} fetches")

@@ -1,0 +1,155 @@
+"""Neighbour recovery across real node processes: stages lost to kill -9 are rebuilt and served again."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from node.pipeline_demo import run_pipeline_swarm, write_pipeline_spec
+from trainer.recovery.failures import Failure
+
+
+def blake_of(weights: dict[str, torch.Tensor]) -> str:
+    """trainer.pipeline.runtime.weights_hash, of a state dict read back from a file."""
+    h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
+    for name, t in sorted(weights.items()):
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def by_process(reports: list[dict]) -> dict[str, dict]:
+    return {r["process"]: r for r in reports}
+
+
+FAST = dict(heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0)  # a dead node is noticed within ~4 s
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def losses_of(report: dict) -> list[float]:
+    return [loss for _, _, loss in report["losses"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_lost_middle_stage_is_rebuilt_from_its_neighbours_by_a_spare(tmp_path):
+    """4 stages of one block, one node each, and a spare; stage 2's only node is killed at iteration 3."""
+    iterations = 80
+    spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="none", blocks_per_stage=[1, 1, 1, 1],
+                               path_length=4, move_after_s=600.0, **FAST)
+    keep = tmp_path / "inputs"
+    reports, kills = run_pipeline_swarm(tmp_path, spec, 4, 4, 360, spares=1, failures=[Failure(3, 2)],
+                                        extra_args={4: ["--keep-recovery-inputs", str(keep)]})
+    assert [k["node"] for k in kills] == ["node2"]
+    nodes = by_process(reports)
+    spare = nodes["node4"]
+    assert spare["stage"] == 2 and spare["iterations"] == iterations
+    [record] = spare["recoveries"]
+    assert record["method"] == "checkfree" and record["sources"] == [3, 1]
+    assert record["lr"] == pytest.approx(1.1 * 3e-3)
+    # exactly the formula over the neighbours' weights and gradient norms it fetched
+    w3 = load_file(str(keep / "stage2-from3.safetensors"))
+    w1 = load_file(str(keep / "stage2-from1.safetensors"))
+    rebuilt = load_file(str(keep / "stage2-rebuilt.safetensors"))
+    a, b = record["norms"]["3"] + 1e-4, record["norms"]["1"] + 1e-4
+    assert set(rebuilt) == set(w3) == set(w1)
+    for name in rebuilt:
+        assert torch.equal(rebuilt[name], (a * w3[name] + b * w1[name]) / (a + b)), name
+    assert blake_of(rebuilt) == record["weights"]
+    # ... and those were the neighbours' real weights and norms at one moment of the run: the
+    # weights after a step, and the norm of the gradient of that step
+    for stage, weights, norm in ((3, w3, record["norms"]["3"]), (1, w1, record["norms"]["1"])):
+        [neighbour] = [r for r in reports if r["stage"] == stage]
+        ks = [k for k, h in neighbour["hashes"] if h == blake_of(weights)]
+        assert ks and record["iteration"] - 2 <= max(ks) <= record["iteration"] - 1, (ks, record["iteration"])
+        assert [n for k, n in neighbour["grad_norms"] if k <= max(ks)][-1] == norm
+    # the stage served again, and training went on with the loss falling
+    assert spare["served"] and all(it >= record["iteration"] for it, _, _ in spare["served"])
+    losses = losses_of(nodes["node0"])
+    assert len(losses) == iterations and mean(losses[-3:]) < mean(losses[:3]) - 0.2, losses
+    # the leader saw the stage go and come back
+    log = [e for r in reports for e in r.get("stage_log", []) if e["stage"] == 2]
+    assert any("lost_at" in e for e in log) and any("back_at" in e for e in log)
+    assert 0 < record["serving_at"] - kills[0]["at"] < 120
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_checkfree_plus_edge_stages_are_copied_from_their_swap_partners(tmp_path):
+    """Swaps on: stage 1 is killed, later stage 3 (= S-1); spares copy stage 2 into each."""
+    iterations = 120
+    spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="checkfree_plus", blocks_per_stage=[1, 1, 1, 1],
+                               path_length=4, move_after_s=600.0, **FAST)
+    keep = {4: tmp_path / "in4", 5: tmp_path / "in5"}
+    reports, kills = run_pipeline_swarm(tmp_path, spec, 4, 4, 420, spares=2,
+                                        failures=[Failure(3, 1), Failure(50, 3)],
+                                        extra_args={i: ["--keep-recovery-inputs", str(d)] for i, d in keep.items()})
+    assert sorted(k["node"] for k in kills) == ["node1", "node3"]
+    nodes = by_process(reports)
+    records = {r["stage"]: (proc, r) for proc in ("node4", "node5") for r in nodes[proc]["recoveries"]}
+    assert set(records) == {1, 3}
+    for stage, (proc, record) in records.items():
+        assert record["method"] == "swap-copy" and record["sources"] == [2], record
+        folder = keep[int(proc[4:])]
+        partner = load_file(str(folder / f"stage{stage}-from2.safetensors"))
+        rebuilt = load_file(str(folder / f"stage{stage}-rebuilt.safetensors"))
+        assert all(torch.equal(rebuilt[n], partner[n]) for n in rebuilt) and set(rebuilt) == set(partner)
+        assert nodes[proc]["stage"] == stage and nodes[proc]["iterations"] == iterations
+    losses = losses_of(nodes["node0"])
+    assert mean(losses[-3:]) < mean(losses[:3]) - 0.2, losses
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_newcomer_copies_the_surviving_replica_and_joins_the_least_replicated_stage(tmp_path):
+    """3 stages: two data nodes, two replicas of stage 1, one of stage 2. One stage-1 replica is
+    killed; a node started afterwards with --role auto takes stage 1 (now the fewest replicas,
+    lowest index) and copies the survivor's weights and optimizer state."""
+    iterations = 80
+    spec = write_pipeline_spec(tmp_path, 3, iterations, 5, swap="none", move_after_s=600.0, **FAST)
+    reports, kills = run_pipeline_swarm(tmp_path, spec, 5, 3, 360, failures=[Failure(3, 1, 0)],
+                                        joins=[(12, ["--role", "auto"])])
+    assert [k["node"] for k in kills] == ["node1"]
+    nodes = by_process(reports)
+    joiner = nodes["node5"]
+    assert joiner["stage"] == 1 and joiner["iterations"] == iterations and joiner["first_iteration"] >= 12
+    [record] = joiner["recoveries"]
+    assert record["method"] == "replica" and record["from"] == [nodes["node4"]["node"]]
+    # the copy was exact (optimizer state included): from then on the two replicas step identically
+    survivor = dict((k, h) for k, h in nodes["node4"]["hashes"])
+    assert all(survivor[k] == h for k, h in joiner["hashes"]), "the newcomer's weights differ from the survivor's"
+    assert joiner["resyncs"] == 0 and joiner["served"]
+    assert "fewest live replicas" in (tmp_path / "node5.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(560)
+def test_two_quick_failures_and_a_failure_during_recovery_end_with_every_stage_served(tmp_path):
+    """4 stages; stages 1 and 2 are killed at the same iteration; of the two spares one dies in the
+    middle of its restore. Nobody is left to claim that stage, so the leader moves a node from the
+    most replicated stage (a second data node) there."""
+    iterations = 160
+    spec = write_pipeline_spec(tmp_path, 4, iterations, 5, swap="none", blocks_per_stage=[1, 1, 1, 1],
+                               path_length=4, move_after_s=4.0, **FAST)
+    reports, kills = run_pipeline_swarm(tmp_path, spec, 5, 4, 500, spares=2,
+                                        failures=[Failure(3, 1), Failure(3, 2)],
+                                        extra_args={5: ["--fault", "kill-during-restore"]})
+    assert sorted(k["node"] for k in kills) == ["node1", "node2"]
+    nodes = by_process(reports)
+    assert "node5" not in nodes  # it died restoring
+    finished = [r for r in reports if r["iterations"] == iterations]
+    assert {r["stage"] for r in finished} == {0, 1, 2, 3}, [(r["process"], r["stage"]) for r in reports]
+    methods = sorted((r["stage"], r["method"]) for rep in reports for r in rep["recoveries"])
+    assert [m for _, m in methods] == ["checkfree", "checkfree"] and sorted(s for s, _ in methods) == [1, 2]
+    [moved] = [r for r in reports if r["moves"]]
+    assert moved["process"] in ("node0", "node4") and moved["moves"] == [[0, moved["stage"]]]
+    assert moved["stage"] in (1, 2) and moved["recoveries"]
+    logs = "".join(path.read_text() for path in tmp_path.glob("node*.log"))
+    assert "moves there from stage 0" in logs
+    assert "SIGKILL in the middle of a restore" in (tmp_path / "node5.log").read_text()
+    assert all("serving_at" in r for rep in reports for r in rep["recoveries"])

@@ -1,0 +1,1 @@
+"""Neighbour recovery (CheckFree / CheckFree+): rebuilding lost stages, and failure injection for experiments."""

@@ -1,0 +1,105 @@
+"""Bring a node that starts, or moves, into a running pipeline up to date before it serves.
+
+A live replica of the stage gives its weights, optimizer state and learning rate. A lost stage is
+rebuilt from its neighbours (trainer/recovery/rebuild.py: CheckFree, CheckFree+ swap copies, or
+the random re-initialisation baseline). Everything moves by ``pp.state`` (safetensors, hashes
+checked; trainer/pipeline/state.py); the gradient norm CheckFree weighs by comes in the same
+answer as the weights, so the two belong to the same moment.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.pipeline.runtime import PipelineWorker, weights_hash
+from trainer.pipeline.state import RemoteState, fetch_state
+from trainer.recovery.rebuild import RECOVERY_LR_FACTOR, RecoveryError, plan_recovery, rebuild_weights
+from trainer.swarm import SwarmCallError
+
+logger = logging.getLogger(__name__)
+
+
+async def _fetch_from_any(worker: PipelineWorker, nodes: list[bytes], weights_only: bool) -> tuple[bytes, RemoteState]:
+    reasons = []
+    for node in nodes:
+        async def call(args: dict, node=node) -> tuple[dict, dict]:
+            return await worker.swarm.call(node, "pp.state", args)
+
+        try:
+            return node, await fetch_state(call, weights_only=weights_only)
+        except (SwarmCallError, ValueError) as error:
+            reasons.append(f"{node.hex()[:12]}: {error}")
+    raise RecoveryError(f"none of {len(nodes)} node(s) gave their state ({'; '.join(reasons)[:400]})")
+
+
+async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: Path | None = None,
+                  fetched: Callable[[], None] | None = None) -> dict | None:
+    """Fill ``worker`` with its stage's state if the run is under way; returns what was done (also in
+    ``worker.report.recoveries``), or None when the run has not started (every node begins from
+    the same initial weights then). ``keep_inputs``: a folder where a rebuild leaves the neighbour
+    weights and norms it used, so that it can be checked afterwards."""
+    began = time.time()
+    peers = [p for p in await worker.swarm.peers(fresh=True)
+             if p.role in ("data", "stage") and p.stage is not None and p.id != worker.me]
+    iterations = [int(p.metrics.get("iteration", 0)) for p in peers]
+    if not peers or max(iterations) == 0:
+        return None
+    by_stage: dict[int, list[bytes]] = {}
+    for p in peers:
+        by_stage.setdefault(p.stage, []).append(p.id)
+    num_stages = worker.settings.num_stages
+    plan = plan_recovery(worker.stage, num_stages, swap, set(by_stage), method)
+    logger.info("restoring stage %d: %s", worker.stage, plan.reason)
+    record: dict = {"stage": worker.stage, "method": plan.method, "sources": list(plan.sources), "reason": plan.reason}
+    lr = worker.settings.lr
+    if plan.method == "replica":
+        node, remote = await _fetch_from_any(worker, sorted(by_stage[worker.stage]), weights_only=False)
+        if fetched is not None:
+            fetched()
+        worker.load_full_state(remote.state, remote.lr)
+        iteration, record["from"] = remote.iteration, [node.hex()]
+        lr = remote.lr if remote.lr is not None else lr
+    elif plan.method == "random":
+        iteration = max(iterations)
+        worker.load_rebuilt(worker.module.state_dict(), lr)
+    else:
+        sources: dict[int, dict[str, torch.Tensor]] = {}
+        norms: dict[int, float] = {}
+        record["from"], its = [], []
+        for stage in plan.sources:
+            if stage in sources:  # S = 2: stage 0 on both sides
+                continue
+            node, remote = await _fetch_from_any(worker, sorted(by_stage[stage]), weights_only=True)
+            sources[stage] = {name[2:]: t for name, t in remote.state.items() if name.startswith("w/")}
+            norms[stage] = remote.grad_norm if remote.grad_norm is not None else 0.0
+            record["from"].append(node.hex())
+            its.append(remote.iteration)
+            if fetched is not None:
+                fetched()
+        weights = rebuild_weights(plan, worker.module.state_dict(), sources, norms)
+        lr = worker.settings.lr * (RECOVERY_LR_FACTOR if plan.method == "checkfree" else 1.0)
+        worker.load_rebuilt(weights, lr)
+        iteration = max(its)
+        record["norms"] = {str(s): n for s, n in norms.items()}
+        if keep_inputs is not None:
+            keep_inputs.mkdir(parents=True, exist_ok=True)
+            for stage, tensors in sources.items():
+                save_file({n: t.contiguous() for n, t in tensors.items()},
+                          str(keep_inputs / f"stage{worker.stage}-from{stage}.safetensors"))
+            save_file({n: t.detach().cpu().contiguous() for n, t in worker.module.state_dict().items()},
+                      str(keep_inputs / f"stage{worker.stage}-rebuilt.safetensors"))
+    await worker.begin_at(iteration)
+    record.update(iteration=iteration, lr=lr, seconds=time.time() - began, at=time.time(),
+                  weights=weights_hash(worker.module).hex())
+    worker.report.recoveries.append(record)
+    if keep_inputs is not None:
+        (keep_inputs / f"stage{worker.stage}-recovery.json").write_text(json.dumps(record))
+    logger.info("stage %d restored by %s at iteration %d in %.2f s", worker.stage, plan.method, iteration,
+                record["seconds"])
+    return record
