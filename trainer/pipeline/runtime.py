@@ -180,7 +180,9 @@ class PipelineWorker:
             self.report.phases.append((k, began, reducing - began, time.time() - reducing))
             self.report.hashes.append((k, weights_hash(self.module).hex()))
             logger.info("pipeline iteration %d done, weights %s", k, self.report.hashes[-1][1][:16])
-            self._cache = {key: v for key, v in self._cache.items() if key[0] > k}
+            for key in [key for key in self._cache if key[0] <= k]:  # forwards of k that came during its reduce
+                del self._cache[key]
+                self._slots.release()
             async with self._iteration_changed:
                 self.iteration = k + 1
                 self.report.iterations = k + 1

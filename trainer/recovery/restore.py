@@ -50,6 +50,7 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
     iterations = [int(p.metrics.get("iteration", 0)) for p in peers]
     if not peers or max(iterations) == 0:
         return None
+    current = max((int(p.metrics.get("iteration", 0)) for p in peers if p.stage == 0), default=0)
     by_stage: dict[int, list[bytes]] = {}
     for p in peers:
         by_stage.setdefault(p.stage, []).append(p.id)
@@ -66,7 +67,7 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
         iteration, record["from"] = remote.iteration, [node.hex()]
         lr = remote.lr if remote.lr is not None else lr
     elif plan.method == "random":
-        iteration = max(iterations)
+        iteration = current
         worker.load_rebuilt(worker.module.state_dict(), lr)
     else:
         sources: dict[int, dict[str, torch.Tensor]] = {}
@@ -80,12 +81,14 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
             norms[stage] = remote.grad_norm if remote.grad_norm is not None else 0.0
             record["from"].append(node.hex())
             its.append(remote.iteration)
+            record.setdefault("source_iterations", {})[str(stage)] = remote.iteration
             if fetched is not None:
                 fetched()
         weights = rebuild_weights(plan, worker.module.state_dict(), sources, norms)
         lr = worker.settings.lr * (RECOVERY_LR_FACTOR if plan.method == "checkfree" else 1.0)
         worker.load_rebuilt(weights, lr)
-        iteration = max(its)
+        # no replica waits for us to reduce with it: start where the run is, not where a neighbour lags
+        iteration = max(its + [current])
         record["norms"] = {str(s): n for s, n in norms.items()}
         if keep_inputs is not None:
             keep_inputs.mkdir(parents=True, exist_ok=True)
