@@ -83,12 +83,14 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
                        progress=None, device: str = "cpu", spares: int = 0, failures=(),
                        extra_args: dict[int, list[str]] | None = None,
                        joins: list[tuple[int, list[str]]] = (),
-                       roles: dict[int, list[str]] | None = None) -> tuple[list[dict], list[dict]]:
+                       roles: dict[int, list[str]] | None = None,
+                       may_die: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
     """Node i serves stage i % stages (stage 0: data nodes); then ``spares`` spare nodes; ``joins``:
     (iteration, role arguments) of nodes started when the run reaches that iteration. Returns the
     reports of the nodes that finished (each with its ``process`` name) and the kills of
     ``failures`` (see FailureInjector). ``extra_args``: more arguments for node i; ``roles``: role
-    arguments for node i instead of the default."""
+    arguments for node i instead of the default; ``may_die``: processes (node{i}) that are allowed
+    to end without a report (a test's fault injection)."""
     procs = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
@@ -121,7 +123,8 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
                 progress(procs[1:])
             time.sleep(0.25)
         killed = {k["node"] for k in injector.kills}
-        left = [(p, workdir / f"node{i}.json") for i, p in enumerate(procs[1:]) if p.name not in killed]
+        left = [(p, workdir / f"node{i}.json") for i, p in enumerate(procs[1:]) if p.name not in killed
+                and not (p.name in may_die and not (workdir / f"node{i}.json").exists())]
         reports = read_reports([p for p, _ in left], [path for _, path in left])
         for (p, _), report in zip(left, reports):
             report["process"] = p.name

@@ -123,7 +123,7 @@ def test_a_newcomer_copies_the_surviving_replica_and_joins_the_least_replicated_
     # the copy was exact (optimizer state included): from then on the two replicas step identically
     survivor = dict((k, h) for k, h in nodes["node4"]["hashes"])
     assert all(survivor[k] == h for k, h in joiner["hashes"]), "the newcomer's weights differ from the survivor's"
-    assert joiner["resyncs"] == 0 and joiner["served"]
+    assert joiner["served"]
     assert "fewest live replicas" in (tmp_path / "node5.log").read_text()
 
 
@@ -138,7 +138,7 @@ def test_two_quick_failures_and_a_failure_during_recovery_end_with_every_stage_s
                                path_length=4, move_after_s=4.0, **FAST)
     reports, kills = run_pipeline_swarm(tmp_path, spec, 5, 4, 500, spares=2,
                                         failures=[Failure(3, 1), Failure(3, 2)],
-                                        extra_args={5: ["--fault", "kill-during-restore"]})
+                                        extra_args={5: ["--fault", "kill-during-restore"]}, may_die={"node5"})
     assert sorted(k["node"] for k in kills) == ["node1", "node2"]
     nodes = by_process(reports)
     assert "node5" not in nodes  # it died restoring
