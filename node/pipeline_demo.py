@@ -63,8 +63,9 @@ class FailureInjector:
         iteration = self.iteration()
         while self.pending and self.pending[0].iteration <= iteration:
             failure = self.pending.pop(0)
-            serving = [p for p in self.procs if p.popen.poll() is None and _role_stage(p.text()) == failure.stage]
-            if len(serving) <= failure.replica:
+            # replica R: the R-th process (in start order) that serves the stage now or did when it died
+            serving = [p for p in self.procs if _role_stage(p.text()) == failure.stage]
+            if len(serving) <= failure.replica or serving[failure.replica].popen.poll() is not None:
                 self.kills.append({"stage": failure.stage, "iteration": iteration, "node": None, "at": time.time(),
                                    "note": f"no replica {failure.replica} of stage {failure.stage} was running"})
                 continue
@@ -147,6 +148,8 @@ def recoveries_of(reports: list[dict], kills: list[dict]) -> list[dict]:
                 item["mttr_s"] = round(r["serving_at"] - kill["at"], 3)
                 if r.get("lost_at"):
                     item["detection_s"] = round(r["lost_at"] - kill["at"], 3)
+                    if r.get("claimed_at"):  # lost -> a spare (or mover) won the job
+                        item["claim_s"] = round(r["claimed_at"] - r["lost_at"], 3)
             out.append(item)
     return sorted(out, key=lambda r: (r.get("mttr_s") is None, r["stage"]))
 

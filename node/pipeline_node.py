@@ -64,9 +64,9 @@ def _die() -> None:
 
 
 async def take_lost_stage(node: Node, swarm: HivemindSwarm, stop: asyncio.Event,
-                          lease_s: float = 120.0) -> tuple[int, float] | None:
+                          lease_s: float = 120.0) -> tuple[int, float, float] | None:
     """A spare: wait for a lost stage on the leader's job board and take it with a lease (smallest
-    claiming id wins); (stage, when it was lost), or None when the run ends first."""
+    claiming id wins); (stage, when it was lost, when we won it), or None when the run ends first."""
     spec, interval = node.spec, node.timeouts.heartbeat_interval_s
     logger.info("spare: waiting for a lost stage")
     while not stop.is_set():
@@ -91,7 +91,7 @@ async def take_lost_stage(node: Node, swarm: HivemindSwarm, stop: asyncio.Event,
                     await asyncio.sleep(interval)  # let rival claims land
                     if claim_winner(await swarm.read(CLAIM_RECORD), stage, time.time(), live) == swarm.my_id:
                         logger.info("spare: took lost stage %d (lost %.1f s ago)", stage, time.time() - jobs[stage])
-                        return stage, jobs[stage]
+                        return stage, jobs[stage], time.time()
             except (SwarmCallError, ValueError) as error:
                 logger.info("spare: could not read the job board: %s", error)
         try:
@@ -133,6 +133,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     assert node.role is not None
     swarm = HivemindSwarm(node)
     lost_at: float | None = None
+    claimed_at: float | None = None
     if node.role.role == Role.SPARE:
         taken = await take_lost_stage(node, swarm, stop)
         if taken is None:
@@ -140,7 +141,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                 _write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
             stop.set()
             return
-        stage, lost_at = taken
+        stage, lost_at, claimed_at = taken
     else:
         assert node.role.stage is not None
         stage = node.role.stage
@@ -150,12 +151,12 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
     while True:
         worker, leader, report = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
-                                                    lost_at, first, started, recoveries)
+                                                    (lost_at, claimed_at), first, started, recoveries)
         first = False
         if report.moved_to is None or stop.is_set():
             break
         moves.append([stage, report.moved_to])
-        stage, lost_at = report.moved_to, report.moved_lost_at
+        stage, lost_at, claimed_at = report.moved_to, report.moved_lost_at, time.time()
         # no longer counted as a replica of the old stage (data nodes: no pp.done to wait for) while it restores
         node.role = RoleChoice(Role.SPARE, None, f"moving to lost stage {stage}")
         await node.announce(NodeState.ONLINE)
@@ -179,7 +180,7 @@ def _write_json(path: Path, body: dict) -> None:
 
 
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
-                       keep_recovery_inputs: Path | None, lost_at: float | None, first: bool,
+                       keep_recovery_inputs: Path | None, job: tuple[float | None, float | None], first: bool,
                        started: float, recoveries: list[dict]) -> tuple[PipelineWorker, Leader, PipelineReport]:
     spec, pipe = node.spec, node.spec.pipeline
     module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
@@ -208,7 +209,7 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         logger.error("could not restore stage %d: %s; starting from the run's initial weights", stage, error)
         record = None
     if record is not None:
-        record["lost_at"] = lost_at
+        record["lost_at"], record["claimed_at"] = job
         recoveries.append(record)
     if not announced:
         node.role = RoleChoice(Role.DATA if stage == 0 else Role.STAGE, stage,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -153,3 +154,38 @@ def test_two_quick_failures_and_a_failure_during_recovery_end_with_every_stage_s
     assert "moves there from stage 0" in logs
     assert "SIGKILL in the middle of a restore" in (tmp_path / "node5.log").read_text()
     assert all("serving_at" in r for rep in reports for r in rep["recoveries"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_demo_fail_reports_each_recovery(tmp_path):
+    """The demo's 6 nodes hold every stage twice: both stage-1 nodes are killed, the spare rebuilds it
+    from its swap partner (3 stages, CheckFree+), and the summary says how and how fast."""
+    import subprocess
+
+    from tests.harness import SWARMTRAIN, child_env
+
+    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "70", "--json",
+                           "--fail", "stage=1@iter=4,stage=1@iter=4@replica=1"], cwd=tmp_path,
+                          env=child_env(), capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [k["stage"] for k in result["kills"]] == [1, 1] and all(k["node"] for k in result["kills"])
+    [recovery] = result["recoveries"]
+    assert recovery["stage"] == 1 and recovery["method"] == "swap-copy"
+    assert 0 < recovery["detection_s"] < recovery["mttr_s"] < 120
+    assert result["loss_end"] < result["loss_start"] and result["iterations"] == 70
+
+
+def test_demo_fail_spec_errors_are_clear(tmp_path):
+    import subprocess
+
+    from tests.harness import SWARMTRAIN, child_env
+
+    for args, message in ((["--fail", "stage=9@iter=2"], "does not exist"),
+                          (["--fail", "stage=1"], "no iter="),
+                          (["--fail", "stage=1@iter=50", "--iterations", "10"], "below --iterations"),
+                          (["--spares", "99", "--fail", "stage=1@iter=2"], "--spares")):
+        done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", *args], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr, (args, done.stderr[-500:])
