@@ -127,7 +127,6 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                               fault: str | None = None, keep_recovery_inputs: Path | None = None) -> None:
     """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``.
     A spare first waits for a lost stage; a node the leader moves serves its new stage from then on."""
-    spec = node.spec
     torch.set_num_threads(1)
     await node.online.wait()
     assert node.role is not None

@@ -25,8 +25,7 @@ from trainer.pipeline.scenario import Link, Node, Scenario
 from trainer.pipeline.schedule import Schedule
 from trainer.pipeline.scheduler import SchedulerConfig, plan_schedule
 from trainer.pipeline.simulator import simulate
-from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, StageWatch, choose_mover, claim_winner,
-                                   jobs_from_record)
+from trainer.recovery.jobs import CLAIM_RECORD, RECOVERY_RECORD, StageWatch, choose_mover, claim_winner
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
