@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--keep-recovery-inputs", default=None, metavar="DIR",
                       help="pipeline mode: when this node rebuilds a lost stage, keep the neighbour weights and "
                            "gradient norms it used (safetensors and JSON) in DIR, to check the rebuild afterwards")
+    node.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                      help="pipeline runs with recovery = \"checkpoint\" (the baseline): the folder every node "
+                           "saves its stage to and rolls back from; all nodes must share it")
     node.add_argument("--emulate-links", default=None, metavar="FILE",
                       help="one-machine runs: delay this node's RPC messages as the links of a scenario would "
                            "(JSON: scenario, time_scale, bytes_scale, locations by public name; see docs/pipeline.md)")
@@ -156,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt")
     demo.add_argument("--spares", type=int, default=None,
                       help="pipeline mode: spare nodes that take lost stages (default: 1 with --fail, else 0)")
-    demo.add_argument("--recovery", choices=("checkfree", "random"), default="checkfree",
+    demo.add_argument("--recovery", choices=("checkfree", "random", "checkpoint"), default="checkfree",
                       help="pipeline mode: how a lost stage is rebuilt (checkfree: from its neighbours, with swap "
-                           "copies for the edge stages; random: re-initialised, the baseline)")
+                           "copies for the edge stages; the baselines random: re-initialised, and checkpoint: "
+                           "everyone rolls back to the last checkpoint)")
     demo.add_argument("--json", action="store_true",
                       help="pipeline and zo modes: the last line printed is one JSON object")
     return parser
@@ -355,6 +359,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     # Judge the role request before the swarm starts, not after a minute of DHT bootstrap.
     choose_role(spec.run.mode, spec.pipeline.stages, {}, config.role, config.stage)
+    if spec.run.mode == "pipeline" and spec.pipeline.recovery == "checkpoint" and not getattr(args, "checkpoint_dir", None):
+        raise CliError('this run\'s pipeline.recovery is "checkpoint" (the baseline): give --checkpoint-dir, a folder '
+                       "every node of the run shares")
     zo = spec.run.mode == "zo"
     if zo:
         from node.zo_node import RECORD_NAMES, build_replica
@@ -386,7 +393,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
                 report = Path(args.report) if getattr(args, "report", None) else None
                 keep = Path(args.keep_recovery_inputs) if getattr(args, "keep_recovery_inputs", None) else None
-                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None), keep)
+                checkpoints = Path(args.checkpoint_dir) if getattr(args, "checkpoint_dir", None) else None
+                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None), keep, checkpoints)
             elif zo:
                 from node.zo_node import run_zo_worker
 

@@ -199,8 +199,10 @@ def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s:
         if failures:
             say(f"with {spares} spare node(s) and failures: "
                 + ", ".join(f"stage {f.stage} at iteration {f.iteration}" for f in failures), flush=True)
+        checkpoints = ["--checkpoint-dir", str(workdir / "checkpoints")] if recovery == "checkpoint" else []
         reports, kills = run_pipeline_swarm(workdir, spec, nodes, stages, timeout_s,
-                                            None if as_json else progress, spares=spares, failures=failures)
+                                            None if as_json else progress, spares=spares, failures=failures,
+                                            extra_args={i: checkpoints for i in range(nodes + spares)})
     summary = summarize_pipeline([r for r in reports if r["stage"] is not None], stages)
     if failures:
         summary["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in kills]

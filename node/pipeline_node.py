@@ -21,7 +21,8 @@ from trainer.data import batches, load_domain, split_domain
 from trainer.model import ModelConfig, build_stage, stage_block_ranges
 from trainer.pipeline.leader import SCHEDULE_RECORD, Leader, LeaderSettings
 from trainer.pipeline.runtime import PipelineReport, PipelineSettings, PipelineWorker
-from trainer.recovery.jobs import CLAIM_RECORD, RECOVERY_RECORD, claim_winner, jobs_from_record, moves_from_record
+from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, claim_winner, jobs_from_record, moves_from_record,
+                                   rollback_from_record)
 from trainer.recovery.rebuild import RecoveryError
 from trainer.recovery.restore import restore
 from trainer.swarm import SwarmCallError
@@ -124,10 +125,14 @@ async def _wait_for_start(node: Node, worker: PipelineWorker, stop: asyncio.Even
 
 
 async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path | None = None,
-                              fault: str | None = None, keep_recovery_inputs: Path | None = None) -> None:
+                              fault: str | None = None, keep_recovery_inputs: Path | None = None,
+                              checkpoint_dir: Path | None = None) -> None:
     """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``.
     A spare first waits for a lost stage; a node the leader moves serves its new stage from then on."""
     torch.set_num_threads(1)
+    if node.spec.pipeline.recovery == "checkpoint" and checkpoint_dir is None:
+        raise ValueError("pipeline.recovery = \"checkpoint\" needs --checkpoint-dir: a folder every node of the "
+                         "run shares (the baseline's durable storage)")
     await node.online.wait()
     assert node.role is not None
     swarm = HivemindSwarm(node)
@@ -150,7 +155,8 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
     while True:
         worker, leader, report = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
-                                                    (lost_at, claimed_at), first, started, recoveries)
+                                                    (lost_at, claimed_at), first, started, recoveries,
+                                                    checkpoint_dir)
         first = False
         if report.moved_to is None or stop.is_set():
             break
@@ -167,7 +173,8 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                "plans": report.plans, "published": leader.published, "phases": report.phases,
                "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0,
                "grad_norms": report.grad_norms, "first_iteration": report.first_iteration,
-               "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log}
+               "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log,
+               "rollbacks": report.rollbacks}
         _write_json(report_path, out)
     stop.set()
 
@@ -180,7 +187,8 @@ def _write_json(path: Path, body: dict) -> None:
 
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
                        keep_recovery_inputs: Path | None, job: tuple[float | None, float | None], first: bool,
-                       started: float, recoveries: list[dict]) -> tuple[PipelineWorker, Leader, PipelineReport]:
+                       started: float, recoveries: list[dict],
+                       checkpoint_dir: Path | None) -> tuple[PipelineWorker, Leader, PipelineReport]:
     spec, pipe = node.spec, node.spec.pipeline
     module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
     data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
@@ -197,7 +205,16 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         microbatches=pipe.microbatches, microbatch_size=pipe.microbatch_size, memory=pipe.memory,
         path_length=pipe.path_length, num_stages=pipe.stages, layers_per_stage=max(1, cfg.n_layers // pipe.stages),
         activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * getattr(torch, pipe.activation_dtype).itemsize,
-        period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s), stage)
+        period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s,
+        checkpoint_root=checkpoint_dir if pipe.recovery == "checkpoint" else None), stage)
+    if pipe.recovery == "checkpoint":
+        worker.checkpoint_root, worker.checkpoint_every = checkpoint_dir, pipe.checkpoint_every
+        worker.restart_delay_s = pipe.restart_delay_s
+        try:  # rollbacks ordered before this worker began are not its to follow
+            board = (await swarm.read(RECOVERY_RECORD)).values()
+            worker.rolled_back_epoch = max([rb[0] for rb in map(rollback_from_record, board) if rb] + [0])
+        except (SwarmCallError, ValueError):
+            pass
     announced = node.role is not None and node.role.stage == stage
     if first and announced:
         await _wait_for_start(node, worker, stop)
@@ -258,6 +275,9 @@ async def _check_moves(swarm: HivemindSwarm, worker: PipelineWorker) -> None:
         board = (await swarm.read(RECOVERY_RECORD)).get(leader)
     except (SwarmCallError, ValueError):
         return
+    rollback = rollback_from_record(board)
+    if rollback is not None and worker.checkpoint_root is not None and rollback[0] > worker.rolled_back_epoch:
+        worker.rollback = rollback
     target = moves_from_record(board).get(swarm.my_id)
     if target is not None and target != worker.stage and worker.move_to is None:
         logger.warning("the leader moves this node from stage %d to lost stage %d", worker.stage, target)

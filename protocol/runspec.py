@@ -22,7 +22,7 @@ RUN_ID_BYTES = 16
 MODES = ("pipeline", "zo", "experts")
 SCHEDULES = ("skip", "full", "random_skip")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
-RECOVERIES = ("checkfree", "random")
+RECOVERIES = ("checkfree", "random", "checkpoint")
 ACCESS = ("public", "private")
 SWAPS = ("none", "checkfree_plus")
 MAX_STAGES = 1024
@@ -82,6 +82,11 @@ class PipelineSection:
     # checkfree_plus the edge stages copy their swap partners) or random (re-initialised: the baseline)
     recovery: str = "checkfree"
     move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
+    # recovery = "checkpoint" (the baseline): every node saves its stage every checkpoint_every
+    # iterations to storage they share (swarmtrain node --checkpoint-dir); on a lost stage everyone
+    # rolls back to the last complete checkpoint and waits restart_delay_s, as a restart would
+    checkpoint_every: int = 10
+    restart_delay_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,8 @@ def check_spec(spec: RunSpec) -> None:
              f"pipeline.activation_dtype: {pipe.activation_dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
     _require(pipe.recovery in RECOVERIES, f"pipeline.recovery: {pipe.recovery!r} is not one of {', '.join(RECOVERIES)}")
     _require(0 <= pipe.move_after_s <= 86400, "pipeline.move_after_s: must be in 0..86400")
+    _require(1 <= pipe.checkpoint_every <= 10**6, "pipeline.checkpoint_every: must be in 1..1000000")
+    _require(0 <= pipe.restart_delay_s <= 3600, "pipeline.restart_delay_s: must be in 0..3600")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(

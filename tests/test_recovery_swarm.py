@@ -189,3 +189,30 @@ def test_demo_fail_spec_errors_are_clear(tmp_path):
         done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", *args], cwd=tmp_path, env=child_env(),
                               capture_output=True, text=True, timeout=60)
         assert done.returncode != 0 and message in done.stderr, (args, done.stderr[-500:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_checkpoint_baseline_rolls_everyone_back_and_the_spare_loads_the_checkpoint(tmp_path):
+    iterations = 70
+    spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="none", blocks_per_stage=[1, 1, 1, 1],
+                               path_length=4, move_after_s=600.0, recovery="checkpoint", checkpoint_every=5,
+                               restart_delay_s=1.0, **FAST)
+    folder = tmp_path / "checkpoints"
+    reports, kills = run_pipeline_swarm(tmp_path, spec, 4, 4, 360, spares=1, failures=[Failure(12, 2)],
+                                        extra_args={i: ["--checkpoint-dir", str(folder)] for i in range(5)})
+    assert [k["node"] for k in kills] == ["node2"]
+    nodes = by_process(reports)
+    spare = nodes["node4"]
+    [record] = spare["recoveries"]
+    to = record["iteration"]
+    assert record["method"] == "checkpoint" and to % 5 == 0 and 5 <= to <= kills[0]["iteration"]
+    assert blake_of({n[2:]: t for n, t in load_file(str(folder / "stage2" / f"it{to:08d}.safetensors")).items()
+                     if n.startswith("w/")}) == record["weights"]
+    for name in ("node0", "node1", "node3"):  # everyone else went back to that checkpoint once
+        assert [r[:2] for r in nodes[name]["rollbacks"]] == [[1, to]], (name, nodes[name]["rollbacks"])
+        assert nodes[name]["iterations"] == iterations
+    # the data node trained the iterations after the checkpoint twice
+    done = [k for k, _, _ in nodes["node0"]["losses"]]
+    assert done.count(to) == 2 and len(done) > iterations
+    assert spare["iterations"] == iterations and spare["served"]

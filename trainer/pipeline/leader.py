@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,9 @@ from trainer.pipeline.scenario import Link, Node, Scenario
 from trainer.pipeline.schedule import Schedule
 from trainer.pipeline.scheduler import SchedulerConfig, plan_schedule
 from trainer.pipeline.simulator import simulate
-from trainer.recovery.jobs import CLAIM_RECORD, RECOVERY_RECORD, StageWatch, choose_mover, claim_winner
+from trainer.recovery.checkpoint import latest_complete
+from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, StageWatch, choose_mover, claim_winner,
+                                   rollback_from_record)
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class LeaderSettings:
     record_ttl_s: float = 120.0
     policy: str = "skip"  # skip: the scheduler; full or random_skip: the baselines, for comparisons
     move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
+    checkpoint_root: Path | None = None  # the checkpoint baseline: a lost stage rolls everyone back
 
 
 async def probe(swarm: Swarm, target: bytes, nbytes: int) -> tuple[float, float]:
@@ -81,6 +85,7 @@ class Leader:
         self.watch = StageWatch(settings.num_stages)
         self.moves: dict[bytes, int] = {}  # node -> the lost stage it was asked to move to
         self.recovery_log: list[dict] = []  # lost and recovered stages this node saw while leading
+        self.rollback: tuple[int, int] | None = None  # checkpoint baseline: (epoch, iteration) ordered last
         swarm.serve("pp.probe", self._on_probe)
 
     async def _on_probe(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
@@ -154,11 +159,19 @@ class Leader:
         had_lost = bool(self.watch.lost)
         newly, back = self.watch.update(stage_of, now)
         if newly and not had_lost:
-            try:  # a previous leader may have seen these stages go earlier
+            try:  # a previous leader may have seen these stages go earlier (and ordered rollbacks)
                 for body in (await self.swarm.read(RECOVERY_RECORD)).values():
                     self.watch.adopt(body)
+                    earlier = rollback_from_record(body)
+                    if earlier is not None and (self.rollback is None or earlier[0] > self.rollback[0]):
+                        self.rollback = earlier
             except (SwarmCallError, ValueError):
                 pass
+        if newly and self.settings.checkpoint_root is not None:
+            to = await asyncio.to_thread(latest_complete, self.settings.checkpoint_root, self.settings.num_stages)
+            if to is not None:
+                self.rollback = ((self.rollback[0] if self.rollback else 0) + 1, to)
+                logger.warning("rollback %d: every node goes back to the checkpoint of iteration %d", *self.rollback)
         for stage in newly:
             self.recovery_log.append({"stage": stage, "lost_at": self.watch.lost[stage]})
             logger.warning("stage %d is lost: no live replica", stage)
@@ -188,9 +201,11 @@ class Leader:
                 self.moves[node] = stage
                 logger.warning("stage %d: nobody claimed it in %.0f s; %s moves there from stage %d (%s)", stage,
                                self.settings.move_after_s, node.hex()[:12], origin, why)
-        if self.watch.lost or had_lost:
+        if self.watch.lost or had_lost or self.rollback is not None:
             body = {"lost": [[s, t] for s, t in sorted(self.watch.lost.items())],
                     "moves": [[n, s] for n, s in sorted(self.moves.items())]}
+            if self.rollback is not None:
+                body["rollback"] = list(self.rollback)
             await self.swarm.publish(RECOVERY_RECORD, body, max(4 * self.settings.period_s, 10.0))
 
     async def _event(self, event: str, detail: str) -> None:

@@ -29,6 +29,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,7 @@ from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
 from trainer.pipeline.state import (STATE_PART_BYTES, encode_part, fetch_state, split_parts,  # noqa: F401 (re-exported)
                                     state_digest)
+from trainer.recovery.checkpoint import load_checkpoint, save_checkpoint
 from trainer.swarm import Swarm, SwarmCallError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class PipelineReport:
     recoveries: list[dict] = field(default_factory=list)  # how this node took its stage's state (recovery)
     moved_to: int | None = None  # the run's leader asked this node to serve another stage
     moved_lost_at: float | None = None  # when that stage was lost, by the leader's job board
+    rollbacks: list[list] = field(default_factory=list)  # checkpoint baseline: [epoch, to iteration, unix time]
 
 
 MAX_PATH = 256  # hops of one path
@@ -138,6 +141,13 @@ class PipelineWorker:
         self._version = 0  # changes whenever the weights or optimizer state do
         self.grad_norm = 0.0  # of the last averaged gradient; 0 before the first step
         self.move_to: int | None = None  # set from outside: leave after this iteration for that stage
+        # the checkpoint-and-restart baseline (pipeline.recovery = "checkpoint"), set from outside
+        self.checkpoint_root: Path | None = None
+        self.checkpoint_every = 1
+        self.restart_delay_s = 0.0
+        self.rollback: tuple[int, int] | None = None  # (epoch, iteration) the run's leader ordered
+        self.rolled_back_epoch = 0
+        self.skip_rollback_to: int | None = None  # restored from that checkpoint already
         self._state_cache: tuple[tuple[int, bool], tuple[dict, list[list[str]], bytes]] | None = None
         self.state_part_bytes = STATE_PART_BYTES
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
@@ -169,12 +179,20 @@ class PipelineWorker:
                 logger.info("leaving stage %d for stage %d after iteration %d", self.stage, self.move_to,
                             self.iteration - 1)
                 break
+            if self._rollback_pending():
+                await self._roll_back()
+                continue
             k = self.iteration
+            if self.checkpoint_root is not None and k % self.checkpoint_every == 0:
+                await asyncio.to_thread(save_checkpoint, self.checkpoint_root, self.stage, k, self.full_state(),
+                                        self.optimizer.param_groups[0]["lr"])
             began = time.time()
             if self.stage == 0:
                 await self._drive(k)
             else:
                 await self._wait_done(k, stop)
+            if self._rollback_pending():  # the iteration is abandoned: everyone goes back
+                continue
             reducing = time.time()
             await self._reduce_and_step(k)
             self.report.phases.append((k, began, reducing - began, time.time() - reducing))
@@ -190,6 +208,35 @@ class PipelineWorker:
         await self._linger()
         self.report.seconds = time.time() - started
         return self.report
+
+    def _rollback_pending(self) -> bool:
+        return self.rollback is not None and self.rollback[0] > self.rolled_back_epoch
+
+    async def _roll_back(self) -> None:
+        """The checkpoint baseline: back to the run's last complete checkpoint, after a restart's delay."""
+        assert self.rollback is not None and self.checkpoint_root is not None
+        epoch, to = self.rollback
+        self.rolled_back_epoch = epoch
+        if self.skip_rollback_to == to:  # this node joined from that very checkpoint
+            self.skip_rollback_to = None
+            return
+        state, lr = await asyncio.to_thread(load_checkpoint, self.checkpoint_root, self.stage, to)
+        self.load_full_state(state, lr)
+        self.optimizer.zero_grad(set_to_none=True)  # what the abandoned iteration accumulated
+        self._count = 0
+        for key in list(self._cache):
+            del self._cache[key]
+            self._slots.release()
+        self._done_upto.clear()
+        self._reduce_inbox.clear()
+        for future in self._reduce_result.values():
+            future.cancel()
+        self._reduce_result.clear()
+        self.report.rollbacks.append([epoch, to, time.time()])
+        logger.warning("rollback %d: back to the checkpoint of iteration %d (from %d); restarting takes %.1f s",
+                       epoch, to, self.iteration, self.restart_delay_s)
+        await asyncio.sleep(self.restart_delay_s)
+        await self.begin_at(to, first=False)
 
     async def _linger(self) -> None:
         """After the last iteration a reducer stays until its replicas have their answers (and a
@@ -423,7 +470,7 @@ class PipelineWorker:
     async def _wait_done(self, k: int, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.done_timeout_s
-        while not stop.is_set() and loop.time() < deadline:
+        while not stop.is_set() and loop.time() < deadline and not self._rollback_pending():
             data_nodes = set((await self._replicas()).get(0, []))
             if data_nodes and all(self._done_upto.get(d, -1) >= k for d in data_nodes):
                 return
@@ -436,7 +483,8 @@ class PipelineWorker:
                 for p in await self.swarm.peers():
                     if p.stage == 0 and p.metrics.get("iteration", 0) > k:
                         self._mark_done(p.id, k)
-        logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
+        if not self._rollback_pending():
+            logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
 
     def _mark_done(self, data_node: bytes, k: int) -> None:
         if k > self._done_upto.get(data_node, -1):
@@ -713,10 +761,13 @@ class PipelineWorker:
             self.set_lr(lr)
         self._version += 1
 
-    async def begin_at(self, k: int) -> None:
-        """Start at iteration ``k`` (a node joining a run under way, once it holds the stage's state)."""
+    async def begin_at(self, k: int, first: bool = True) -> None:
+        """Go on at iteration ``k``: a node joining a run under way (``first``), once it holds the
+        stage's state, or a rollback."""
         async with self._iteration_changed:
-            self.iteration = self.report.iterations = self.report.first_iteration = k
+            self.iteration = self.report.iterations = k
+            if first:
+                self.report.first_iteration = k
             self._iteration_changed.notify_all()
 
     def set_lr(self, lr: float) -> None:

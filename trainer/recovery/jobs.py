@@ -77,6 +77,14 @@ def moves_from_record(body: object) -> dict[bytes, int]:
     return moves
 
 
+def rollback_from_record(body: object) -> tuple[int, int] | None:
+    """(epoch, iteration) of the checkpoint baseline's last rollback order in a ``pp.recovery`` record."""
+    item = body.get("rollback") if isinstance(body, dict) else None
+    if isinstance(item, list) and len(item) == 2 and all(type(x) is int and x >= 0 for x in item):
+        return item[0], item[1]
+    return None
+
+
 def claim_winner(claims: Mapping[bytes, object], stage: int, now: float,
                  live: Collection[bytes] | None = None) -> bytes | None:
     """The smallest id with an unexpired claim on ``stage`` (and, given ``live``, still alive: a

@@ -10,7 +10,8 @@
   ("swap-copy"), the stages it swapped places with on odd microbatches; middle stages use the
   formula. With two stages there is no partner, and stage 1 takes the formula with stage 0 on
   both sides.
-- The baseline "random" keeps the fresh module's initial weights.
+- The baselines: "random" keeps the fresh module's initial weights; "checkpoint" loads the stage's
+  last complete checkpoint while the whole run rolls back to it (trainer/recovery/checkpoint.py).
 - A needed neighbour that is itself lost leaves the other alone (copied), and with both lost
   the stage is re-initialised; the plan's reason says so.
 - Stage 0 is never rebuilt: every data node holds it, and a new one copies any.
@@ -30,7 +31,7 @@ import torch
 
 RECOVERY_LR_FACTOR = 1.1
 NORM_EPSILON = 1e-4
-METHODS = ("checkfree", "random")  # the run's policy (pipeline.recovery)
+METHODS = ("checkfree", "random", "checkpoint")  # the run's policy (pipeline.recovery)
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
@@ -63,6 +64,9 @@ def plan_recovery(stage: int, num_stages: int, swap: str, live_stages: Collectio
         raise RecoveryError("no data node is left: stage 0 (embedding, head and data) cannot be rebuilt")
     if method == "random":
         return RecoveryPlan(stage, "random", (), f"stage {stage} has no live replica; re-initialised (baseline)")
+    if method == "checkpoint":
+        return RecoveryPlan(stage, "checkpoint", (), f"stage {stage} has no live replica; loaded from the last "
+                                                    "complete checkpoint, the run rolls back to it (baseline)")
     if swaps_on(swap) and num_stages >= 3 and stage in (1, num_stages - 1):
         partner = 2 if stage == 1 else num_stages - 2
         if partner in live_stages:

@@ -8,6 +8,7 @@ answer as the weights, so the two belong to the same moment.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.pipeline.runtime import PipelineWorker, weights_hash
+from trainer.recovery.checkpoint import latest_complete, load_checkpoint
 from trainer.pipeline.state import RemoteState, fetch_state
 from trainer.recovery.rebuild import RECOVERY_LR_FACTOR, RecoveryError, plan_recovery, rebuild_weights
 from trainer.swarm import SwarmCallError
@@ -66,6 +68,15 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
         worker.load_full_state(remote.state, remote.lr)
         iteration, record["from"] = remote.iteration, [node.hex()]
         lr = remote.lr if remote.lr is not None else lr
+    elif plan.method == "checkpoint":
+        if worker.checkpoint_root is None:
+            raise RecoveryError("the checkpoint baseline needs the checkpoint folder (--checkpoint-dir)")
+        found = await asyncio.to_thread(latest_complete, worker.checkpoint_root, num_stages)
+        if found is None:
+            raise RecoveryError(f"no complete checkpoint in {worker.checkpoint_root}")
+        state, lr = await asyncio.to_thread(load_checkpoint, worker.checkpoint_root, worker.stage, found)
+        worker.load_full_state(state, lr)
+        iteration = worker.skip_rollback_to = found
     elif plan.method == "random":
         iteration = current
         worker.load_rebuilt(worker.module.state_dict(), lr)
