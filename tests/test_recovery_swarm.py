@@ -216,3 +216,15 @@ def test_checkpoint_baseline_rolls_everyone_back_and_the_spare_loads_the_checkpo
     done = [k for k, _, _ in nodes["node0"]["losses"]]
     assert done.count(to) == 2 and len(done) > iterations
     assert spare["iterations"] == iterations and spare["served"]
+
+
+def test_the_checkpoint_baseline_needs_a_shared_folder(tmp_path):
+    import subprocess
+
+    from tests.harness import SWARMTRAIN, child_env
+
+    spec = write_pipeline_spec(tmp_path, 3, 5, 3, recovery="checkpoint")
+    done = subprocess.run([*SWARMTRAIN, "node", "--run", str(spec), "--data-dir", str(tmp_path / "n"),
+                           "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--checkpoint-dir" in done.stderr, done.stderr[-800:]
