@@ -24,6 +24,7 @@ from trainer.pipeline.runtime import PipelineReport, PipelineSettings, PipelineW
 from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, claim_winner, jobs_from_record, moves_from_record,
                                    rollback_from_record)
 from trainer.recovery.rebuild import RecoveryError
+from trainer.recovery.restore import JobTaken
 from trainer.recovery.restore import restore
 from trainer.swarm import SwarmCallError
 
@@ -102,6 +103,10 @@ async def take_lost_stage(node: Node, swarm: HivemindSwarm, stop: asyncio.Event,
     return None
 
 
+async def _served(swarm: HivemindSwarm, stage: int) -> bool:
+    return any(p.stage == stage and p.role in ("data", "stage") for p in await swarm.peers(fresh=True))
+
+
 async def _wait_for_start(node: Node, worker: PipelineWorker, stop: asyncio.Event) -> None:
     """Before the first iteration: min_nodes live and a replica of every stage, so that the replicas
     of a stage reduce together from the start. A run already under way is joined at once."""
@@ -138,11 +143,20 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     swarm = HivemindSwarm(node)
     lost_at: float | None = None
     claimed_at: float | None = None
-    if node.role.role == Role.SPARE:
-        taken = await take_lost_stage(node, swarm, stop)
+
+    async def next_job() -> tuple[int, float, float] | None:
+        while True:
+            taken = await take_lost_stage(node, swarm, stop)
+            if taken is None or not await _served(swarm, taken[0]):
+                return taken
+            # the views lag: another spare (or a joiner) got there first; stay a spare for the next job
+            logger.info("spare: stage %d is served again; waiting for another lost stage", taken[0])
+
+    spare = node.role.role == Role.SPARE
+    if spare:
+        taken = await next_job()
         if taken is None:
-            if report_path is not None:
-                _write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
+            _spare_report(node, report_path)
             stop.set()
             return
         stage, lost_at, claimed_at = taken
@@ -154,9 +168,18 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     recoveries: list[dict] = []  # how this node took the state of each stage it served mid-run
     moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
     while True:
-        worker, leader, report = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
-                                                    (lost_at, claimed_at), first, started, recoveries,
-                                                    checkpoint_dir)
+        served = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
+                                    (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare)
+        if served is None:  # a spare found its stage served by the time it restored: back to waiting
+            taken = await next_job()
+            if taken is None:
+                _spare_report(node, report_path)
+                stop.set()
+                return
+            stage, lost_at, claimed_at = taken
+            continue
+        worker, leader, report = served
+        spare = False
         first = False
         if report.moved_to is None or stop.is_set():
             break
@@ -179,6 +202,12 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     stop.set()
 
 
+def _spare_report(node: Node, report_path: Path | None) -> None:
+    """A spare that never served: it says so."""
+    if report_path is not None:
+        _write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
+
+
 def _write_json(path: Path, body: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(body))
@@ -187,8 +216,10 @@ def _write_json(path: Path, body: dict) -> None:
 
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
                        keep_recovery_inputs: Path | None, job: tuple[float | None, float | None], first: bool,
-                       started: float, recoveries: list[dict],
-                       checkpoint_dir: Path | None) -> tuple[PipelineWorker, Leader, PipelineReport]:
+                       started: float, recoveries: list[dict], checkpoint_dir: Path | None,
+                       as_spare: bool) -> tuple[PipelineWorker, Leader, PipelineReport] | None:
+    """Serve ``stage`` until the run ends or the leader moves us; None when a spare found the stage
+    served already by the time it would restore it (it stays a spare)."""
     spec, pipe = node.spec, node.spec.pipeline
     module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
     data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
@@ -220,7 +251,10 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         await _wait_for_start(node, worker, stop)
     try:
         record = await restore(worker, pipe.recovery, pipe.swap, keep_recovery_inputs,
-                               _die if die_during_restore else None)
+                               _die if die_during_restore else None, allow_replica=not as_spare)
+    except JobTaken as error:
+        logger.info("spare: %s", error)
+        return None
     except RecoveryError as error:
         logger.error("could not restore stage %d: %s; starting from the run's initial weights", stage, error)
         record = None

@@ -32,6 +32,12 @@ def test_a_new_leader_keeps_the_earlier_loss_time():
     assert watch.lost == {2: 42.0}  # stage 1 is served now: not adopted
 
 
+def test_a_new_leader_reports_the_return_of_a_stage_its_predecessor_saw_lost():
+    watch = StageWatch(3)
+    watch.take_over({"lost": [[2, 40.0]], "moves": []})
+    assert watch.update({A: 0, B: 1, C: 2}, 50.0) == ([], [(2, 10.0)])
+
+
 def test_malformed_job_board_entries_are_left_out():
     body = {"lost": [[1, 5.0], ["2", 1.0], [3, "x"], [-1, 1.0], "junk", [4, 7.0, 1]],
             "moves": [[A, 2], [b"short", 1], [B, -1], [C, "1"], [D, 3]]}

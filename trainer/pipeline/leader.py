@@ -122,6 +122,15 @@ class Leader:
         if leading != self.leading:
             logger.info("pipeline leader: %s", "this node" if leading else min(live).hex()[:16])
             self.leading = leading
+            if leading:
+                try:  # the predecessor's job board: what it saw lost is lost here until seen served
+                    for body in (await self.swarm.read(RECOVERY_RECORD)).values():
+                        self.watch.take_over(body)
+                        earlier = rollback_from_record(body)
+                        if earlier is not None and (self.rollback is None or earlier[0] > self.rollback[0]):
+                            self.rollback = earlier
+                except (SwarmCallError, ValueError):
+                    pass
         if not leading:
             return
         stage_of = {p.id: p.stage for p in peers}

@@ -44,6 +44,13 @@ class StageWatch:
             del self.lost[s]
         return newly, back
 
+    def take_over(self, body: object) -> None:
+        """A new leader starts from its predecessor's record: stages lost there count as lost here
+        until seen served (so their return is reported once, by someone)."""
+        for stage, at in jobs_from_record(body).items():
+            if 0 <= stage < self.num_stages:
+                self.lost.setdefault(stage, at)
+
     def adopt(self, body: object) -> None:
         """Take the loss times from a previous leader's record, for stages lost now too."""
         for stage, at in jobs_from_record(body).items():

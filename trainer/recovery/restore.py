@@ -40,8 +40,12 @@ async def _fetch_from_any(worker: PipelineWorker, nodes: list[bytes], weights_on
     raise RecoveryError(f"none of {len(nodes)} node(s) gave their state ({'; '.join(reasons)[:400]})")
 
 
+class JobTaken(RecoveryError):
+    """A spare came to rebuild a lost stage that has a live replica again."""
+
+
 async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: Path | None = None,
-                  fetched: Callable[[], None] | None = None) -> dict | None:
+                  fetched: Callable[[], None] | None = None, allow_replica: bool = True) -> dict | None:
     """Fill ``worker`` with its stage's state if the run is under way; returns what was done (also in
     ``worker.report.recoveries``), or None when the run has not started (every node begins from
     the same initial weights then). ``keep_inputs``: a folder where a rebuild leaves the neighbour
@@ -58,6 +62,8 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
         by_stage.setdefault(p.stage, []).append(p.id)
     num_stages = worker.settings.num_stages
     plan = plan_recovery(worker.stage, num_stages, swap, set(by_stage), method)
+    if plan.method == "replica" and not allow_replica:
+        raise JobTaken(f"stage {worker.stage} has a live replica again")
     logger.info("restoring stage %d: %s", worker.stage, plan.reason)
     record: dict = {"stage": worker.stage, "method": plan.method, "sources": list(plan.sources), "reason": plan.reason}
     lr = worker.settings.lr
@@ -113,6 +119,7 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
                   weights=weights_hash(worker.module).hex())
     worker.report.recoveries.append(record)
     if keep_inputs is not None:
+        keep_inputs.mkdir(parents=True, exist_ok=True)
         (keep_inputs / f"stage{worker.stage}-recovery.json").write_text(json.dumps(record))
     logger.info("stage %d restored by %s at iteration %d in %.2f s", worker.stage, plan.method, iteration,
                 record["seconds"])
