@@ -48,6 +48,7 @@ def smooth(points: list[tuple[float, float]], n: int = 5) -> list[tuple[float, f
 
 
 def run(workdir: Path, settings: dict, failures, args) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
     spec = write_pipeline_spec(workdir, STAGES, args.iterations, STAGES, blocks_per_stage=[1] * STAGES,
                                path_length=STAGES, move_after_s=600.0, heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0,
                                checkpoint_every=args.checkpoint_every,

@@ -33,6 +33,12 @@ RECORD_NAMES = (SCHEDULE_RECORD, RECOVERY_RECORD, CLAIM_RECORD)
 logger = logging.getLogger(__name__)
 
 
+def _blockless_stages(spec: RunSpec) -> set[int]:
+    cfg = ModelConfig.from_preset(spec.model.preset)
+    ranges = stage_block_ranges(cfg.n_layers, spec.pipeline.stages, spec.pipeline.blocks_per_stage)
+    return {stage for stage, blocks in enumerate(ranges) if len(blocks) == 0}
+
+
 def stage_module(spec: RunSpec, stage: int) -> torch.nn.Module:
     """The stage's module at the run's initial weights (the same on every replica)."""
     cfg = ModelConfig.from_preset(spec.model.preset)
@@ -251,7 +257,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         await _wait_for_start(node, worker, stop)
     try:
         record = await restore(worker, pipe.recovery, pipe.swap, keep_recovery_inputs,
-                               _die if die_during_restore else None, allow_replica=not as_spare)
+                               _die if die_during_restore else None, allow_replica=not as_spare,
+                               blockless_stages=_blockless_stages(spec))
     except JobTaken as error:
         logger.info("spare: %s", error)
         return None

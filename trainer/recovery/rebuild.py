@@ -80,8 +80,8 @@ def plan_recovery(stage: int, num_stages: int, swap: str, live_stages: Collectio
     if stage in live_stages:
         return RecoveryPlan(stage, "replica", (stage,), f"stage {stage} has a live replica: copying it")
     if stage == 0:
-        raise RecoveryError("no data node is left: stage 0 (embedding, head and data) cannot be rebuilt; "
-                            "start a data node from a checkpoint or begin a new run")
+        raise RecoveryError("no data node is left: stage 0 (embedding, head and data) cannot be rebuilt, "
+                            "and the run cannot continue")
     lost = f"stage {stage} has no live replica"
     if method == "random":
         return RecoveryPlan(stage, "random", (), f"{lost}; re-initialised (baseline)")

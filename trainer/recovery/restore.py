@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -45,7 +45,8 @@ class JobTaken(RecoveryError):
 
 
 async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: Path | None = None,
-                  fetched: Callable[[], None] | None = None, allow_replica: bool = True) -> dict | None:
+                  fetched: Callable[[], None] | None = None, allow_replica: bool = True,
+                  blockless_stages: Collection[int] = ()) -> dict | None:
     """Fill ``worker`` with its stage's state if the run is under way; returns what was done (also in
     ``worker.report.recoveries``), or None when the run has not started (every node begins from
     the same initial weights then). ``keep_inputs``: a folder where a rebuild leaves the neighbour
@@ -61,7 +62,7 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
     for p in peers:
         by_stage.setdefault(p.stage, []).append(p.id)
     num_stages = worker.settings.num_stages
-    plan = plan_recovery(worker.stage, num_stages, swap, set(by_stage), method)
+    plan = plan_recovery(worker.stage, num_stages, swap, set(by_stage), method, blockless_stages)
     if plan.method == "replica" and not allow_replica:
         raise JobTaken(f"stage {worker.stage} has a live replica again")
     logger.info("restoring stage %d: %s", worker.stage, plan.reason)
