@@ -100,6 +100,7 @@ def main() -> int:
 
     lines.append(f"no failures: target loss {target:.3f} (its smoothed loss at 75 % of the run) reached at "
                  f"{reach(base['curve'])}; final {base['curve'][-1][1]:.3f} after {base['curve'][-1][0]:.1f} s")
+    print(lines[-1], flush=True)
     for rate in args.rates:
         p = failure_probability(rate, args.real_iteration_s)
         failures = sample_failures(rate, args.real_iteration_s, STAGES, args.iterations, args.seed, min_gap=args.min_gap)
