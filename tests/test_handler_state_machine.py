@@ -90,7 +90,7 @@ class InProcessSwarm:
 
 
 ids = st.sampled_from([PUB["server"], PUB["zo"], PUB["mate"], PUB["stranger"]]) | st.binary(min_size=32, max_size=32)
-hops = st.lists(st.lists(st.integers(0, 3) | ids, min_size=2, max_size=2) | st.integers(), max_size=3)
+hops = st.lists(st.lists(st.integers(0, 3) | ids, min_size=2, max_size=2) | st.integers(-1, 2**63), max_size=3)
 native = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**64 - 1) | st.floats() | st.text(max_size=8)
                       | st.binary(max_size=40), lambda inner: st.lists(inner, max_size=3)
                       | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
