@@ -8,6 +8,7 @@ memory (tracemalloc: MAX_INPUT_ALLOC_BYTES above what was allocated before it).
     python -m tests.fuzz_targets --runs 2000 [TARGET ...]      # every target by default
     python -m tests.fuzz_targets --seconds 60 envelope rpc.frame
     python -m tests.fuzz_targets --runs 2000 --runs-for rpc.frame=400
+    python -m tests.fuzz_targets rpc.frame --input crash-1234   # reproduce one input
 
 Each target runs in a forked child (the parent imports and instruments the code once), with a
 corpus seeded from valid messages, and prints one JSON line: target, runs, seconds, crashes.
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="inputs for one target, instead of --runs")
     parser.add_argument("--seconds", type=int, default=0, help="time per target (0: no limit)")
     parser.add_argument("--list", action="store_true", help="print the target names and exit")
+    parser.add_argument("--input", default=None, metavar="FILE",
+                        help="run the (one) target on this file once, e.g. a crash-* file, and show what it raises")
     args = parser.parse_args(argv)
     import atheris
 
@@ -411,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown targets {unknown}; known: {sorted(targets)}", file=sys.stderr)
         return 2
+    if args.input:
+        if len(args.targets) != 1:
+            print("error: --input takes exactly one target", file=sys.stderr)
+            return 2
+        bounded(targets[args.targets[0]])(Path(args.input).read_bytes())
+        print("no crash")
+        return 0
     runs_for = {name: int(n) for name, _, n in (item.partition("=") for item in args.runs_for)}
     failed = 0
     for name in args.targets or list(targets):
