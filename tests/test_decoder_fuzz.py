@@ -14,8 +14,8 @@ import pytest
 from tests.harness import REPO, child_env
 
 # Inputs per target: the RPC targets and the run spec cost milliseconds per input, the rest microseconds.
-SLOW = {"rpc.frame": 400, "rpc.request_body": 300, "runspec": 400, "pipeline.fetch_state": 800}
-RUNS = 1500
+SLOW = {"rpc.frame": 300, "rpc.request_body": 200, "runspec": 300, "pipeline.fetch_state": 500}
+RUNS = 1000
 
 
 def run_targets(names: list[str]) -> list[dict]:
