@@ -9,7 +9,6 @@ transport itself is tests/test_access_control.py's business; here streams come f
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 
 import torch
@@ -21,7 +20,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from node.config import RateLimits, Timeouts
 from node.pipeline_node import stage_module
 from node.rpc import REQUEST_KIND, RpcLimits, _describe
-from protocol import wire
 from protocol.access import AccessPolicy, issue_token
 from protocol.envelope import seal
 from protocol.keys import public_key_bytes
