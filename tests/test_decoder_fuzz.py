@@ -1,7 +1,8 @@
 """Every decoder of peer data under atheris (libFuzzer, coverage-guided): no crash, no hang, bounded memory.
 
 A short run per target here (tests/fuzz_targets.py names them and what each may raise); long runs
-are bench/bench_fuzz.py's. Crashes the fuzzer found are kept below as regression tests.
+are bench/bench_fuzz.py's. The handlers that review and the state machine found crashable or
+unbounded have their regression tests in tests/test_hostile_handlers.py.
 """
 from __future__ import annotations
 
