@@ -139,9 +139,9 @@ def load_targets() -> dict[str, Target]:
 
     def tensor_parts(data: bytes) -> None:
         n = data[0] if data else 0
-        header = unpacked(data[1 : 1 + n])
-        out = decode_tensor_parts(header, data[1 + n :], tensor_limits)
-        assert out.numel() * out.element_size() == len(data) - 1 - n
+        header, rest = unpacked(data[1 : 1 + n]), data[1 + n :]
+        out = decode_tensor_parts(header, rest, tensor_limits)
+        assert out.numel() * out.element_size() == len(rest)
 
     def runspec(data: bytes) -> None:
         verify_spec(loads_spec(data.decode("utf-8", "replace")))
