@@ -38,6 +38,48 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    """How often each peer may call each RPC method of this node: one token bucket per (peer, method),
+    refilled at ``calls_per_s`` up to ``burst`` calls. ``methods`` overrides both for single methods,
+    as "METHOD=CALLS_PER_S:BURST" items (a comma-separated list in SWARMTRAIN_RATE_LIMITS_METHODS)."""
+
+    calls_per_s: float = 50.0
+    burst: float = 200.0
+    # Handlers that copy a whole model's state per call get a tighter default.
+    methods: tuple[str, ...] = ("zo.snapshot=0.5:4", "pp.state=8:64")
+    max_tracked: int = 4096  # (peer, method) buckets kept; the least recently used goes past this
+
+    def for_method(self, method: str) -> tuple[float, float]:
+        """(calls per second, burst) of ``method``."""
+        for item in self.methods:
+            name, per_s, burst = parse_method_limit(item)
+            if name == method:
+                return per_s, burst
+        return self.calls_per_s, self.burst
+
+
+def parse_method_limit(item: str) -> tuple[str, float, float]:
+    """"METHOD=CALLS_PER_S:BURST" as (method, calls per second, burst); ValueError when malformed."""
+    name, eq, rate = item.partition("=")
+    per_s, colon, burst = rate.partition(":")
+    values = (float(per_s), float(burst)) if eq and colon else (0.0, 0.0)
+    if not name.strip() or not all(map(math.isfinite, values)) or not values[0] > 0 or values[1] < 1:
+        raise ValueError(item)
+    return name.strip(), values[0], values[1]
+
+
+def _check_rate_limits(limits: RateLimits) -> None:
+    if not limits.calls_per_s > 0 or not limits.burst >= 1 or limits.max_tracked < 1:
+        raise ConfigError("rate_limits: calls_per_s must be positive, burst at least 1 and max_tracked at least 1")
+    for item in limits.methods:
+        try:
+            parse_method_limit(item)
+        except ValueError:
+            raise ConfigError(f"rate_limits.methods item {item!r} must read METHOD=CALLS_PER_S:BURST "
+                              "(a positive rate, a burst of at least 1), e.g. pp.state=8:64") from None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     run: str = ""  # path of the signed run spec (TOML)
     data_dir: str = "./swarmtrain-data"
@@ -57,6 +99,7 @@ class NodeConfig:
     log_format: str = "plain"
     log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
     def resolved_host_maddrs(self) -> tuple[str, ...]:
         if self.port is not None:
@@ -133,6 +176,9 @@ def _apply(base: Any, values: Mapping[str, Any], source: str, label: Callable[[t
     return dataclasses.replace(base, **updates)
 
 
+_TABLES = ("timeouts", "rate_limits")  # NodeConfig fields that are tables of their own
+
+
 def _env_name(path: tuple[str, ...]) -> str:
     if len(path) == 2 and path[0] == "timeouts":
         return f"{ENV_PREFIX}TIMEOUT_{path[1].upper()}"
@@ -160,11 +206,11 @@ def load_node_config(
     env = os.environ if env is None else env
     env_values: dict[str, Any] = {}
     for f in fields(NodeConfig):
-        if f.name == "timeouts":
-            for t in fields(Timeouts):
-                key = _env_name(("timeouts", t.name))
+        if f.name in _TABLES:
+            for t in fields(getattr(config, f.name)):
+                key = _env_name((f.name, t.name))
                 if key in env:
-                    env_values.setdefault("timeouts", {})[t.name] = env[key]
+                    env_values.setdefault(f.name, {})[t.name] = env[key]
             continue
         key = _env_name((f.name,))
         if key in env:
@@ -200,3 +246,4 @@ def validate(config: NodeConfig) -> None:
             raise ConfigError(f"timeout {f.name} must be positive, not {getattr(config.timeouts, f.name)}")
     if config.timeouts.heartbeat_ttl_s <= config.timeouts.heartbeat_interval_s:
         raise ConfigError("heartbeat_ttl_s must be larger than heartbeat_interval_s")
+    _check_rate_limits(config.rate_limits)

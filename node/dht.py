@@ -143,9 +143,8 @@ class SwarmDHT:
         run_id = self.run_id if run_id is None else run_id
         key = RUNS_DIRECTORY if name == RUNS_DIRECTORY else dht_key(run_id, name)
         now = get_dht_time()
-        value = seal_record(
-            self._key, run_id=run_id, key=key, kind=kind, body=body, seq=self._seq.next(), token=self.token, timestamp=now
-        )
+        value = seal_record(self._key, run_id=run_id, key=key, kind=kind, body=body, seq=self._seq.next(),
+                            token=self.token, timestamp=now, expires_at=now + ttl_s)
         future = self.dht.store(key, value, now + ttl_s, subkey=self.public_key, return_future=True)
         timeout = self.timeouts.dht_s if timeout is None else timeout
         try:

@@ -236,7 +236,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
                                 microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
                                 use_leader=pipe.planner == "leader",
-                                activation_dtype=getattr(torch, pipe.activation_dtype))
+                                activation_dtype=getattr(torch, pipe.activation_dtype),
+                                microbatch_size=pipe.microbatch_size)
     faults = parse_fault(fault) if first else {}
     die_during_restore = faults.pop("die_during_restore", False)
     worker = PipelineWorker(swarm, stage, module, settings, data, **faults)

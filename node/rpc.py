@@ -19,8 +19,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
-from node.config import Timeouts
+from node.config import RateLimits, Timeouts
 from node.linkemu import LinkShaper
+from node.ratelimit import RateLimiter
 from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, ReplayGuard, Sequencer, open_envelope, seal
 from protocol.errors import MalformedMessage, MessageTooLarge, ProtocolError, TensorShapeMismatch
@@ -74,6 +75,14 @@ class RemoteError(RpcError):
 
 class WrongRecipient(ProtocolError):
     """A request signed for another node was relayed to this one."""
+
+
+class UnknownMethod(ProtocolError):
+    """The request names a method this node does not serve."""
+
+
+class RateLimited(ProtocolError):
+    """The caller made more calls of this method than node.config.RateLimits allows it."""
 
 
 class HandlerError(Exception):
@@ -182,6 +191,7 @@ class RpcEndpoint:
         token: bytes | None = None,
         limits: RpcLimits = RpcLimits(),
         envelope_limits: Limits = Limits(),
+        rate_limits: RateLimits = RateLimits(),
         clock: Callable[[], float],
     ):
         self.p2p = p2p
@@ -199,6 +209,7 @@ class RpcEndpoint:
         self.tensor_limits = TensorLimits(max_bytes=limits.max_tensor_bytes)
         self._clock = clock
         self._replay = ReplayGuard(window_s=envelope_limits.max_age_s)
+        self._rate = RateLimiter(rate_limits)
         self._seq = Sequencer()
         self._handlers: dict[str, Handler] = {}
         self.stats = RpcStats()
@@ -250,10 +261,7 @@ class RpcEndpoint:
             except ProtocolError as error:
                 await self._refuse(peer, writer, type(error).__name__, str(error))
                 return
-            handler = self._handlers.get(method)
-            if handler is None:
-                await self._refuse(peer, writer, "UnknownMethod", f"no method {method!r}")
-                return
+            handler = self._handlers[method]  # _read_request refused methods this node does not serve
             context = CallContext(peer_id=peer, sender=envelope.sender, envelope=envelope)
             try:
                 result, out_tensors = await handler(context, args, tensors)
@@ -262,6 +270,9 @@ class RpcEndpoint:
                 return
             except ProtocolError as error:
                 await self._refuse(peer, writer, type(error).__name__, str(error))
+                return
+            except TimeoutError:  # a wait inside the handler ran out: the caller may retry
+                await self._refuse(peer, writer, "Timeout", f"{method} did not finish in time here")
                 return
             except Exception:  # a bug in a handler must not take the node down with it
                 logger.exception("rpc handler %s failed for a call from %s", method, peer)
@@ -298,6 +309,14 @@ class RpcEndpoint:
             raise WrongRecipient(f"the request is addressed to {request.to[:60]!r}, not to this node")
         self._replay.check_and_remember(envelope, now)
         method, args = request.method, request.args
+        # both before any tensor byte is read
+        if method not in self._handlers:
+            raise UnknownMethod(f"no method {method!r}")
+        wait = self._rate.take(envelope.sender, method)
+        if wait:
+            per_s, burst = self._rate.limits.for_method(method)
+            raise RateLimited(f"too many {method!r} calls from this peer: at most {per_s:g}/s (bursts of {burst:g}); "
+                              f"retry in {wait:.2f} s")
         headers = _check_tensor_headers(request.tensors, self.limits)
         total = sum(h["nbytes"] for h in headers)
         if self._inflight_bytes + total > self.limits.max_inflight_bytes:
@@ -314,8 +333,10 @@ class RpcEndpoint:
         return envelope, method, args, tensors
 
     async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
-        self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1
-        logger.warning("refused rpc from %s: %s: %s", peer, kind, message)
+        count = self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1
+        # a flood past the rate limit must not flood the log as well
+        level = logging.WARNING if kind != RateLimited.__name__ or count % 100 == 1 else logging.DEBUG
+        logger.log(level, "refused rpc from %s: %s: %s (refusal %d of this kind)", peer, kind, message, count)
         reply = self._seal(REPLY_KIND, RpcReply(ok=False, error=f"{kind}: {message}"[:MAX_ERROR]).to_body())
         try:
             async with asyncio.timeout(self.timeouts.rpc_s):

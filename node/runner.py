@@ -198,7 +198,8 @@ class Node:
     async def _join(self) -> None:
         assert self.swarm is not None
         p2p = await self.swarm.p2p()
-        self.rpc = RpcEndpoint(p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token, clock=time.time)
+        self.rpc = RpcEndpoint(p2p, self.key, self.run_id, self.access, self.timeouts, token=self.token,
+                               rate_limits=self.config.rate_limits, clock=time.time)
         if self.emulation is not None:
             self.rpc.shaper = LinkShaper(self.emulation, self.config.public_name, self._public_name_of)
             logger.info("link emulation: %s at %s, time x%g, bytes x%g", self.emulation.scenario.name,

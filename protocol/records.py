@@ -31,7 +31,7 @@ RECORD_LIMITS = Limits(max_bytes=64 * 1024)
 # Limits(max_age_s=MAX_RECORD_TTL_S) so that everything a validator accepts also opens.
 MAX_RECORD_TTL_S = 3600.0
 _NAME = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
-_BODY_KEYS = frozenset({"key", "msg", "token"})
+_BODY_KEYS = frozenset({"key", "msg", "token", "expires"})
 MAX_KEY_LEN = 256
 
 
@@ -58,16 +58,23 @@ def seal_record(
     seq: int,
     token: bytes | None = None,
     timestamp: float | None = None,
+    expires_at: float | None = None,
     limits: Limits | None = RECORD_LIMITS,
 ) -> bytes:
-    """An envelope whose body is ``{"key": key, "msg": body, "token": token}``; store it under subkey = signer.
+    """An envelope whose body is ``{"key", "msg", "token", "expires"}``; store it under subkey = signer
+    with a DHT expiration of at most ``expires_at`` (default: ``timestamp + MAX_RECORD_TTL_S``).
 
+    The expiration is signed because the DHT keeps, per subkey, the value that expires last: were it
+    not, anyone could store a node's old record again with a later expiration and pin it there,
+    hiding every newer record of that node (its heartbeats, say) until then.
     Raises MessageTooLarge past ``limits`` (default: what SwarmRecordValidator accepts).
     """
     wire.require_str(key, "key", MAX_KEY_LEN, allow_empty=False)
     if token is not None:
         wire.require_bytes(token, "token")
-    record_body = {"key": key, "msg": body, "token": token}
+    timestamp = time.time() if timestamp is None else timestamp
+    expires_at = timestamp + MAX_RECORD_TTL_S if expires_at is None else expires_at
+    record_body = {"key": key, "msg": body, "token": token, "expires": wire.require_float(expires_at, "expires_at")}
     return seal(private_key, kind=kind, run_id=run_id, body=record_body, seq=seq, timestamp=timestamp, limits=limits)
 
 
@@ -81,6 +88,7 @@ def _record_body(envelope: Envelope, run_id: bytes | None) -> tuple[str, dict, b
     token = body["token"]
     if token is not None:
         wire.require_bytes(token, "record token")
+    wire.require_float(body["expires"], "record expires")
     if key in GLOBAL_KEYS:
         return key, msg, token
     if run_id is not None and envelope.run_id != run_id:
@@ -196,8 +204,12 @@ class SwarmRecordValidator(RecordValidatorBase):
         if subkey != envelope.sender:
             raise WrongSubkey("record subkey is not its signer's public key; only the signer may write it")
         expiration = _expiration(record)
-        if expiration > envelope.timestamp + self.max_ttl_s:
-            raise Expired(f"record expires {expiration - envelope.timestamp:.0f}s after it was signed, limit {self.max_ttl_s:.0f}s")
+        signed_expiry = envelope.body["expires"]
+        if signed_expiry > envelope.timestamp + self.max_ttl_s:
+            raise Expired(f"record is signed to live {signed_expiry - envelope.timestamp:.0f}s, limit {self.max_ttl_s:.0f}s")
+        if expiration > signed_expiry:
+            raise Expired(f"record is stored to expire {expiration - signed_expiry:.1f}s after its signer allowed "
+                          "(a replay that would pin an old record over newer ones)")
         if self.access is not None and envelope.run_id == self.run_id:  # other runs follow their own policies
             self.access.check(envelope.sender, token, now)
         return envelope

@@ -35,9 +35,10 @@ NOW = 1_700_000_000.0
 BODY = Heartbeat(state=NodeState.ONLINE, step=5, metrics={"loss": 3.0}, uptime_s=9.0).to_body()
 
 
-def value(signer=NODE, *, run_id=RUN, name="heartbeats", key=None, token=None, timestamp=NOW) -> bytes:
+def value(signer=NODE, *, run_id=RUN, name="heartbeats", key=None, token=None, timestamp=NOW, expires_at=None) -> bytes:
     key = dht_key(run_id, name) if key is None else key
-    return seal_record(signer, run_id=run_id, key=key, kind="heartbeat", body=BODY, seq=1, token=token, timestamp=timestamp)
+    return seal_record(signer, run_id=run_id, key=key, kind="heartbeat", body=BODY, seq=1, token=token, timestamp=timestamp,
+                       expires_at=expires_at)
 
 
 def record(envelope: bytes, *, key: str | None = None, subkey=None, expiration=NOW + 10) -> DHTRecord:
@@ -114,6 +115,9 @@ def test_owner_needs_no_token_in_private_run():
         (lambda: record(value(timestamp=NOW - 7200)), "Expired"),  # older than max_ttl_s
         (lambda: record(value(timestamp=NOW + 120)), "Expired"),  # from the future
         (lambda: record(value(), expiration=NOW + 7200), "Expired"),  # asks to live longer than max_ttl_s
+        # stored again with a later expiration than its signer gave it: would pin it over newer records
+        (lambda: record(value(expires_at=NOW + 10), expiration=NOW + 11), "Expired"),
+        (lambda: record(value(expires_at=NOW + 7200), expiration=NOW + 10), "Expired"),  # signed to live too long
         (lambda: record(flip_last_byte(value())), "BadSignature"),
         (lambda: record(b"not an envelope"), "MalformedMessage"),
         (lambda: DHTRecord(record(value()).key, record(value()).subkey, MSGPackSerializer.dumps({"a": 1}), NOW), "MalformedMessage"),
@@ -122,7 +126,7 @@ def test_owner_needs_no_token_in_private_run():
                                     body={"blob": bytes(70_000)}, seq=1, timestamp=NOW, limits=None)), "MessageTooLarge"),
     ],
     ids=["other-subkey", "garbage-subkey", "other-run", "wrong-key-hash", "other-run-key", "expired", "future",
-         "ttl-too-long", "bad-signature", "not-envelope", "value-not-bytes", "oversize", "oversize-envelope"],
+         "ttl-too-long", "replay-with-longer-life", "signed-ttl-too-long", "bad-signature", "not-envelope", "value-not-bytes", "oversize", "oversize-envelope"],
 )
 def test_rejects_with_reason_counted(make, reason, caplog):
     v = validator()
@@ -203,3 +207,12 @@ def test_runs_directory_accepts_every_run_but_stays_signer_bound():
     intruder = record(value(INTRUDER, run_id=OTHER_RUN, key=RUNS_DIRECTORY_KEY), key=RUNS_DIRECTORY_KEY)
     assert v.validate(intruder) is False
     assert v.rejections == {"Unauthorized": 1, "WrongSubkey": 1}
+
+
+def test_a_record_is_valid_up_to_the_expiration_its_signer_signed():
+    v = validator()
+    assert v.validate(record(value(expires_at=NOW + 10), expiration=NOW + 10))
+    assert v.validate(record(value(expires_at=NOW + 10), expiration=NOW + 5))  # shorter is harmless: newer wins
+    assert not v.validate(record(value(expires_at=NOW + 10), expiration=NOW + 10.5))
+    assert "stored to expire" in str(pytest.raises(Expired, v.check, record(value(expires_at=NOW + 10),
+                                                                            expiration=NOW + 60)).value)

@@ -69,6 +69,7 @@ class PipelineSettings:
     microbatch_attempts: int = 2  # sends of a microbatch whose path never delivered it back
     use_leader: bool = True  # follow the leader's published schedule when it fits the live swarm
     activation_dtype: torch.dtype = torch.float32  # activations and their gradients on the wire
+    microbatch_size: int | None = None  # samples per microbatch; a forward with more is refused
 
 
 @dataclass
@@ -99,6 +100,8 @@ class PipelineReport:
 
 
 MAX_PATH = 256  # hops of one path
+MAX_DATA_NODES = 1024  # data nodes whose progress a stage node tracks; past this the oldest entry goes
+REDUCE_AHEAD = 2  # a pp.reduce for an iteration further ahead than this cannot come from a replica in step
 
 
 def weights_hash(module: torch.nn.Module) -> bytes:
@@ -363,6 +366,7 @@ class PipelineWorker:
             return {"visited": [], "skipped": 0, "rerouted": 0}, t
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        future.expected_shape = tuple(t.shape)  # what comes back has the shape of what went out
         self._arrivals[(k, m, attempt, kind)] = future
         deadline = loop.time() + self.settings.arrival_timeout_s
         try:
@@ -494,6 +498,8 @@ class PipelineWorker:
 
     def _mark_done(self, data_node: bytes, k: int) -> None:
         if k > self._done_upto.get(data_node, -1):
+            if data_node not in self._done_upto and len(self._done_upto) >= MAX_DATA_NODES:
+                del self._done_upto[next(iter(self._done_upto))]  # bounded whatever origins peers name
             self._done_upto[data_node] = k
             self._done_event.set()
 
@@ -540,6 +546,7 @@ class PipelineWorker:
         wire = self.settings.activation_dtype
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != wire:
             raise PipelineError(f"x must be a {wire} (batch, time, d_model) tensor")
+        self._check_activation_shape(x)
         k, origin, m, attempt = key
         await self._at_iteration(origin, k)
         if key in self._cache:  # a retry after a lost answer: it was taken already
@@ -567,6 +574,16 @@ class PipelineWorker:
         self._background(self._pass_on(k, origin, m, attempt, route, self._wire(y), visited + [(self.stage, self.me)],
                                        skipped, rerouted))
         return {}, {}
+
+    def _check_activation_shape(self, x: torch.Tensor) -> None:
+        """Attention costs time**2: a forward longer or wider than the model's (or a bigger batch than
+        the run's) would stall this node's event loop or exhaust its memory."""
+        cfg = getattr(self.module, "cfg", None)
+        batch, length, width = x.shape
+        if cfg is not None and (width != cfg.d_model or not 0 < length <= cfg.max_seq_len):
+            raise PipelineError(f"x must be (batch, 1..{cfg.max_seq_len}, {cfg.d_model}), not {tuple(x.shape)}")
+        if self.settings.microbatch_size is not None and not 0 < batch <= self.settings.microbatch_size:
+            raise PipelineError(f"x holds {batch} samples; this run's microbatches hold {self.settings.microbatch_size}")
 
     async def _on_backward(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         key = self._key(args)
@@ -605,8 +622,8 @@ class PipelineWorker:
         else:
             result = {"lost": bool(args.get("lost"))}
         if not result.get("lost") and (not isinstance(t, torch.Tensor) or t.dtype != self.settings.activation_dtype
-                                       or t.dim() != 3):
-            raise PipelineError(f"t must be a {self.settings.activation_dtype} (batch, time, d_model) tensor")
+                                       or tuple(t.shape) != future.expected_shape):
+            raise PipelineError(f"t must be a {self.settings.activation_dtype} tensor of shape {future.expected_shape}")
         future.set_result((result, t))
         return {}, {}
 
@@ -725,6 +742,10 @@ class PipelineWorker:
             raise PipelineError("gradients do not match this stage's parameters")
         if k < self.iteration:
             raise PipelineError(f"iteration {k} is already reduced here")
+        if k > self.iteration + REDUCE_AHEAD:
+            raise PipelineError(f"iteration {k} is too far ahead of this node's {self.iteration}")
+        if sender not in self._mates and sender not in (await self._replicas()).get(self.stage, []):
+            raise PipelineError(f"only replicas of stage {self.stage} reduce here")
         self._reduce_inbox[(k, sender)] = (tensors, count, digest)
         self._reduce_event.set()
         loop = asyncio.get_running_loop()
