@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from node import __version__
-from node.config import ConfigError, load_node_config
+from node.config import ConfigError, NodeConfig, load_node_config, parse_size, resolve_initial_peers
+from node.health import add_health_parser, cmd_health, write_maddrs
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
+from node.console import NodeConsole
 from node.logs import setup_logging
 from node.model_cli import add_model_parsers, cmd_eval, cmd_export, cmd_generate
 from node.schedule_cli import add_schedule_parser, cmd_schedule
@@ -41,6 +43,9 @@ SETTINGS_EPILOG = (
 def _add_swarm_flags(parser: argparse.ArgumentParser, *, listens: bool = True) -> None:
     parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=None,
                         help="multiaddrs of peers already in the swarm (from `swarmtrain bootstrap`)")
+    parser.add_argument("--initial-peers-file", default=None, metavar="FILE",
+                        help="more initial peers: a file of multiaddrs, one a line, such as the maddrs.txt a "
+                             "bootstrap or node writes in its data dir (waited for while it does not exist yet)")
     if listens:  # status reads the swarm as a client: it listens nowhere and needs no identity
         parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
                             help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/0)")
@@ -112,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "spare waits and takes the first lost stage")
     node.add_argument("--stage", type=int, default=None, help="serve this pipeline stage")
     node.add_argument("--device", default=None, help="auto, cpu or cuda[:i]")
+    node.add_argument("--max-memory", default=None, metavar="SIZE",
+                      help="bound on what training may take on the device (e.g. 4GiB, 512m): the stage's weights, "
+                           "gradients, AdamW state and activations; caps the activation slots (pipeline.memory) "
+                           "to what fits, refuses a stage or model that does not, and on CUDA is enforced by the "
+                           "allocator (see docs/operations.md)")
     node.add_argument("--token", default=None, help="join token (text) for a private run")
     node.add_argument("--client-mode", action="store_true", default=None,
                       help="do not accept incoming DHT connections (behind NAT without relay)")
@@ -142,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_schedule_parser(commands)
     add_model_parsers(commands)
+    add_health_parser(commands)
 
     demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data")
     demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
@@ -177,9 +188,9 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-_NODE_FLAGS = ("run", "data_dir", "initial_peers", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
+_NODE_FLAGS = ("run", "data_dir", "initial_peers", "initial_peers_file", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
                "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join",
-               "emulate_links")
+               "emulate_links", "max_memory")
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -307,20 +318,28 @@ def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from node.dht import SwarmDHT
+    from node.dht import P2P_KEY_FILENAME, SwarmDHT
     from protocol.keys import generate_private_key
 
-    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
     setup_logging(config.log_format, config.log_level or "INFO")
-    key = load_or_create_identity(_ensure_data_dir(config.data_dir)) if args.data_dir else generate_private_key()
+    # With a data dir (flag, SWARMTRAIN_DATA_DIR or --config) the bootstrap keeps its keys there, so
+    # its multiaddrs (libp2p peer id included) stay the same across restarts, and writes them to
+    # DATA_DIR/maddrs.txt for --initial-peers-file.
+    data_dir = _ensure_data_dir(config.data_dir) if args.data_dir or config.data_dir != NodeConfig.data_dir else None
+    key = load_or_create_identity(data_dir) if data_dir else generate_private_key()
     # The bootstrap peer belongs to no run: it stores every run's (signature-checked) records.
     swarm = SwarmDHT(key, b"", None, config.timeouts, initial_peers=config.initial_peers,
-                     host_maddrs=config.resolved_host_maddrs(), announce_maddrs=config.announce_maddrs)
+                     host_maddrs=config.resolved_host_maddrs(), announce_maddrs=config.announce_maddrs,
+                     identity_path=str(data_dir / P2P_KEY_FILENAME) if data_dir else None)
     try:
+        maddrs = swarm.visible_maddrs()
         print("share one of these multiaddrs as --initial-peers:")
-        for maddr in swarm.visible_maddrs():
+        for maddr in maddrs:
             print(f"  {maddr}")
         sys.stdout.flush()
+        if data_dir:
+            write_maddrs(data_dir, maddrs)
 
         async def wait() -> None:
             stop = asyncio.Event()
@@ -352,6 +371,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
     spec = load_verified_spec(config.run)
+    config = resolve_initial_peers(config)
     token = token_from_text(config.token) if config.token else None
     setup_logging(config.log_format, config.log_level or "INFO")
     from node.roles import choose_role  # torch and hivemind: imported once the cheap checks passed
@@ -359,6 +379,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     # Judge the role request before the swarm starts, not after a minute of DHT bootstrap.
     choose_role(spec.run.mode, spec.pipeline.stages, {}, config.role, config.stage)
+    if config.max_memory:
+        from node.memory_budget import check_budget
+
+        stage = 0 if config.role == "data" else config.stage
+        check_budget(spec, parse_size(config.max_memory), stage, spare=config.role == "spare")
     if spec.run.mode == "pipeline" and spec.pipeline.recovery == "checkpoint" and not getattr(args, "checkpoint_dir", None):
         raise CliError('this run\'s pipeline.recovery is "checkpoint" (the baseline): give --checkpoint-dir, a folder '
                        "every node of the run shares")
@@ -379,15 +404,22 @@ def cmd_node(args: argparse.Namespace) -> int:
         from node.pipeline_node import RECORD_NAMES as PIPELINE_RECORDS
     node = Node(config, spec, key, token,
                 app_record_names=RECORD_NAMES if zo else PIPELINE_RECORDS if spec.run.mode == "pipeline" else ())
+    node.has_worker = spec.run.mode in ("pipeline", "zo")
+    if config.max_memory:
+        from node.memory_budget import cap_cuda
+
+        cap_cuda(node.device, parse_size(config.max_memory))
+    console = NodeConsole(tty=None if config.log_format == "plain" else False)
     maddrs = node.start()
     try:
-        print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
-        for maddr in maddrs:
-            print(f"  {maddr}", flush=True)
+        console.addresses(maddrs)
+        write_maddrs(data_dir, maddrs)
+        console.route_logs()
 
         async def serve() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            shown = asyncio.create_task(console.run(node, stop))
             if spec.run.mode == "pipeline":
                 from node.pipeline_node import run_pipeline_worker
 
@@ -403,10 +435,12 @@ def cmd_node(args: argparse.Namespace) -> int:
                                        getattr(args, "zo_fault", None))
             else:
                 await node.run(stop)
+                await shown
                 return
             task = asyncio.create_task(worker)  # it sets stop when the run's work is done
             task.add_done_callback(lambda _: stop.set())  # and when it fails: the node does not linger
             await node.run(stop)
+            await shown
             if task.done():
                 task.result()  # a failed worker's error reaches the user
             else:
@@ -421,10 +455,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import collect_status, format_status
 
-    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
     setup_logging(config.log_format, config.log_level or "WARNING")
     if not config.initial_peers:
-        raise CliError("status needs --initial-peers to find the swarm")
+        raise CliError("status needs --initial-peers (or --initial-peers-file) to find the swarm")
     spec = load_verified_spec(args.run) if args.run else None
     report = collect_status(config, spec)
     if args.json:
@@ -557,6 +591,7 @@ COMMANDS = {
     "export": cmd_export,
     "generate": cmd_generate,
     "eval": cmd_eval,
+    "health": cmd_health,
 }
 
 
@@ -594,7 +629,8 @@ def _known_error(error: Exception) -> str | None:
     user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
                    (("node.dht", "SwarmStartError"), ("node.dht", "DHTReadError"), ("node.runner", "DeviceError"),
                     ("node.roles", "RoleError"), ("node.averaging", "AveragingError"),
-                    ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"))]
+                    ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"),
+                    ("node.health", "HealthError"), ("node.memory_budget", "MemoryBudgetError"))]
     if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):
