@@ -154,22 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_parsers(commands)
     add_health_parser(commands)
 
-    demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data")
+    demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data",
+                               description="By default: 6 node processes and a spare train a 4-stage skip pipeline "
+                                           "for 40 iterations; stage 2's only node is killed at iteration 8 and the "
+                                           "spare rebuilds it from its neighbours (CheckFree). --quick: the same in "
+                                           "5 nodes and 24 iterations, for CI.")
     demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
                       help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
                            "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
-    demo.add_argument("--iterations", type=int, default=30, help="pipeline mode: training iterations")
-    demo.add_argument("--stages", type=int, default=3, help="pipeline mode: stages (stage 0 = data nodes)")
+    demo.add_argument("--quick", action="store_true",
+                      help="the reduced form for CI: pipeline 5 nodes, 24 iterations, the kill at iteration 3 "
+                           "(zo: 20 steps; single: 60 steps)")
+    demo.add_argument("--iterations", type=int, default=None, help="pipeline mode: training iterations (default 40)")
+    demo.add_argument("--stages", type=int, default=None, help="pipeline mode: stages, stage 0 = data nodes (default 4)")
     demo.add_argument("--preset", default="tiny", help="model preset (single mode)")
     demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo)")
     demo.add_argument("--base-steps", type=int, default=60,
                       help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
     demo.add_argument("--fail", default=None, metavar="SPEC",
                       help="pipeline mode: kill -9 nodes during the run, e.g. stage=2@iter=5 (items joined by ',', "
-                           "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt")
+                           "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt "
+                           "(default: stage STAGES/2 at iteration 8, with --quick 3, at most a third of --iterations; "
+                           "'none': no failure)")
     demo.add_argument("--spares", type=int, default=None,
-                      help="pipeline mode: spare nodes that take lost stages (default: 1 with --fail, else 0)")
+                      help="pipeline mode: spare nodes that take lost stages (default: 1 when a node is killed, else 0)")
     demo.add_argument("--recovery", choices=("checkfree", "random", "checkpoint"), default="checkfree",
                       help="pipeline mode: how a lost stage is rebuilt (checkfree: from its neighbours, with swap "
                            "copies for the edge stages; the baselines random: re-initialised, and checkpoint: "
@@ -481,7 +490,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         raise CliError("--json applies to --mode pipeline and --mode zo")
     _model_config(args.preset)
-    config = TrainConfig(preset=args.preset, steps=args.steps or 300)
+    config = TrainConfig(preset=args.preset, steps=args.steps or (60 if args.quick else 300))
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
           f"(domains: {', '.join(config.domains) if config.domains else 'all'})", flush=True)
 
@@ -502,13 +511,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_zo(args: argparse.Namespace) -> int:
     from node.zo_demo import DemoError, run_demo
 
-    args.nodes = 4 if args.nodes is None else args.nodes
+    args.nodes = (3 if args.quick else 4) if args.nodes is None else args.nodes
     if not 1 <= args.nodes <= 16:
         raise CliError("--nodes must be in 1..16 (each node process needs about 300 MB)")
     if args.base_steps < 0:
         raise CliError("--base-steps must be >= 0")
     try:
-        result = run_demo(args.nodes, args.steps or 60, args.base_steps, args.json)
+        result = run_demo(args.nodes, args.steps or (20 if args.quick else 60), args.base_steps, args.json)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:
@@ -524,48 +533,47 @@ def _demo_zo(args: argparse.Namespace) -> int:
 
 
 def _demo_pipeline(args: argparse.Namespace) -> int:
-    from node.pipeline_demo import run_demo
+    from node.pipeline_demo import FULL, QUICK, DemoPlan, format_summary, run_demo
     from node.zo_demo import DemoError
 
-    nodes = 6 if args.nodes is None else args.nodes
-    if not 2 <= args.stages <= 4:
+    preset = QUICK if args.quick else FULL
+    stages = preset["stages"] if args.stages is None else args.stages
+    iterations = preset["iterations"] if args.iterations is None else args.iterations
+    nodes = preset["nodes"] if args.nodes is None else args.nodes
+    fail = args.fail
+    if fail is None and iterations >= 3:  # the showcase: a middle stage's only node dies a third of the way in
+        fail = f"stage={stages // 2}@iter={min(preset['fail_at'], iterations // 3)}"
+    if not 2 <= stages <= 4:
         raise CliError("--stages must be in 2..4 for the tiny preset (4 blocks)")
-    if not args.stages <= nodes <= 16:
-        raise CliError(f"--nodes must be in {args.stages}..16: every stage needs a node")
-    if args.iterations <= 0:
+    if not stages <= nodes <= 16:
+        raise CliError(f"--nodes must be in {stages}..16: every stage needs a node")
+    if iterations <= 0:
         raise CliError("--iterations must be positive")
     failures = []
-    if args.fail is not None:
+    if fail is not None and fail != "none":
         from trainer.recovery.failures import FailureSpecError, load_failure_schedule, parse_fail_spec
 
         try:
-            failures = (load_failure_schedule(args.fail, args.stages) if Path(args.fail).is_file()
-                        else parse_fail_spec(args.fail, args.stages))
+            failures = (load_failure_schedule(fail, stages) if Path(fail).is_file() else parse_fail_spec(fail, stages))
         except FailureSpecError as error:
             raise CliError(f"--fail: {error}") from None
-        if any(f.iteration >= args.iterations for f in failures):
-            raise CliError(f"--fail: every failure's iteration must be below --iterations ({args.iterations})")
-        if any(f.stage == 0 for f in failures) and nodes < args.stages + 1:
+        if any(f.iteration >= iterations for f in failures):
+            raise CliError(f"--fail: every failure's iteration must be below --iterations ({iterations})")
+        if any(f.stage == 0 for f in failures) and nodes < stages + 1:
             raise CliError("--fail: killing a data node needs a second one (more --nodes): stage 0 is copied "
                            "from a live data node")
     spares = (1 if failures else 0) if args.spares is None else args.spares
     if not 0 <= spares <= 8:
         raise CliError("--spares must be in 0..8")
+    plan = DemoPlan(nodes, stages, iterations, tuple(failures), spares, args.recovery)
     try:
-        result = run_demo(nodes, args.stages, args.iterations, args.json, failures=failures, spares=spares,
-                          recovery=args.recovery)
+        result = run_demo(plan, args.json)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:
         print(json.dumps(result, sort_keys=True))
-        return 0 if result["replicas_identical"] else EXIT_FAILURE
-    print(f"{result['nodes']} nodes, {result['stages']} stages, {result['iterations']} iterations "
-          f"({result['mean_iteration_s']} s each): training loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
-    print(f"replicas of every stage identical: {'yes' if result['replicas_identical'] else 'NO'}; "
-          f"{result['tokens_per_s']:,} tokens/s over the data nodes")
-    for r in result.get("recoveries", []):
-        mttr = f"{r['mttr_s']:.1f} s after the kill" if "mttr_s" in r else "(no kill matched)"
-        print(f"stage {r['stage']} rebuilt by {r['method']} at iteration {r['iteration']}, serving again {mttr}")
+    else:
+        print("\n".join(format_summary(result)))
     return 0 if result["replicas_identical"] else EXIT_FAILURE
 
 

@@ -17,6 +17,12 @@ from trainer.model import ModelConfig, stage_block_ranges
 FP32 = 4
 # weights + gradients + AdamW's two moments, all fp32
 TRAIN_STATE_BYTES_PER_PARAM = 4 * FP32
+
+
+class MemoryBudgetError(ValueError):
+    """The node's work does not fit in its budget; the message says how much it needs."""
+
+
 @dataclass(frozen=True)
 class StageMemory:
     stage: int
