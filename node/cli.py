@@ -158,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                                description="By default: 6 node processes and a spare train a 4-stage skip pipeline "
                                            "for 40 iterations; stage 2's only node is killed at iteration 8 and the "
                                            "spare rebuilds it from its neighbours (CheckFree). --quick: the same in "
-                                           "5 nodes and 24 iterations, for CI.")
+                                           "5 nodes and 16 iterations, for CI.")
     demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
                       help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
                            "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
     demo.add_argument("--quick", action="store_true",
-                      help="the reduced form for CI: pipeline 5 nodes, 24 iterations, the kill at iteration 3 "
+                      help="the reduced form for CI: pipeline 5 nodes, 16 iterations, the kill at iteration 3 "
                            "(zo: 20 steps; single: 60 steps)")
     demo.add_argument("--iterations", type=int, default=None, help="pipeline mode: training iterations (default 40)")
     demo.add_argument("--stages", type=int, default=None, help="pipeline mode: stages, stage 0 = data nodes (default 4)")

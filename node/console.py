@@ -43,6 +43,8 @@ def progress_of(node: "Node") -> Progress:
 
 
 def _role_text(p: Progress) -> str:
+    if p.role == "stage":
+        return f"stage {p.stage}"
     return p.role + (f" stage {p.stage}" if p.stage is not None else "")
 
 
@@ -53,8 +55,13 @@ def format_progress(p: Progress) -> str:
 
 
 def format_role(choice: "RoleChoice") -> str:
-    where = f" stage {choice.stage}" if choice.stage is not None else ""
-    return f"role: {choice.role.value}{where} — {choice.reason}"
+    if choice.role.value == "data":
+        what = "data node (stage 0)"
+    elif choice.role.value == "stage":
+        what = f"stage {choice.stage}"
+    else:
+        what = choice.role.value + (f" stage {choice.stage}" if choice.stage is not None else "")
+    return f"role: {what} — {choice.reason}"
 
 
 class NodeConsole:

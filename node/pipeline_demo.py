@@ -204,7 +204,7 @@ class DemoPlan:
 # rebuild from them (stages 1 and 3 are swap partners of 2 under CheckFree+). Node i serves stage
 # i % 4, so the full demo holds stages 0 and 1 twice and the quick one stage 0 twice.
 FULL = dict(nodes=6, stages=4, iterations=40, fail_at=8)
-QUICK = dict(nodes=5, stages=4, iterations=24, fail_at=3)
+QUICK = dict(nodes=5, stages=4, iterations=16, fail_at=3)
 DEMO_SPEC = dict(heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0, move_after_s=600.0)  # a kill is noticed in ~4 s
 
 
@@ -237,11 +237,14 @@ def run_demo(plan: DemoPlan, as_json: bool, timeout_s: float = 1800.0) -> dict:
                         f"{kill['iteration']}", flush=True)
             for p in procs:
                 for line in p.text().splitlines():
-                    if "took lost stage" in line and "role:" in line and line not in shown:
-                        shown.add(line)
-                        say(f"  {p.name}: {line.split('role: ', 1)[1]}", flush=True)
+                    if "took lost stage" in line and "role:" in line:
+                        took = f"  {p.name}: {line.split(' — ', 1)[-1]}"
+                        if took not in shown:
+                            shown.add(took)
+                            say(took, flush=True)
             losses = [line.split(": ", 1)[-1] for p in procs for line in p.text().splitlines() if "mean loss" in line]
-            if losses:
+            if losses and losses[-1] not in shown:
+                shown.add(losses[-1])
                 say("  " + losses[-1], flush=True)
 
         def announce_status_page(peer: str) -> None:

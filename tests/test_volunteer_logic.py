@@ -189,9 +189,11 @@ def test_initial_peers_file_is_waited_for_and_checked(tmp_path):
 
 def test_console_lines():
     role = RoleChoice(Role.STAGE, 2, "stage 2 has the fewest live replicas (0; by stage 0:1, 1:1, 2:0)")
-    assert format_role(role) == "role: stage stage 2 — stage 2 has the fewest live replicas (0; by stage 0:1, 1:1, 2:0)"
+    assert format_role(role) == "role: stage 2 — stage 2 has the fewest live replicas (0; by stage 0:1, 1:1, 2:0)"
+    assert format_role(RoleChoice(Role.DATA, 0, "requested")) == "role: data node (stage 0) — requested"
+    assert format_role(RoleChoice(Role.SPARE, None, "waits")) == "role: spare — waits"
     line = format_progress(Progress("ONLINE", "stage", 2, 12, 30, 3.21456, 5, 3 << 20))
-    assert line == "progress: stage stage 2, step 12/30, loss 3.2146, 5 live nodes, 3.0 MiB sent, ONLINE"
+    assert line == "progress: stage 2, step 12/30, loss 3.2146, 5 live nodes, 3.0 MiB sent, ONLINE"
     out = io.StringIO()
     console = NodeConsole(out, tty=False)
     console.addresses(["/ip4/127.0.0.1/tcp/1/p2p/x"])
