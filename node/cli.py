@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from node import __version__
 from node.config import ConfigError, NodeConfig, load_node_config, parse_size, resolve_initial_peers
-from node.health import add_health_parser, cmd_health, write_maddrs
+from node.health import add_health_parser, cmd_health, keep_bootstrap_health, write_maddrs
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.console import NodeConsole
 from node.logs import setup_logging
@@ -328,7 +328,7 @@ def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from node.dht import P2P_KEY_FILENAME, SwarmDHT
-    from protocol.keys import generate_private_key
+    from protocol.keys import generate_private_key, public_key_bytes
 
     config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
     setup_logging(config.log_format, config.log_level or "INFO")
@@ -353,6 +353,11 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         async def wait() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            if data_dir:
+                t = config.timeouts
+                await keep_bootstrap_health(swarm, data_dir, public_key_bytes(key).hex(), t.heartbeat_interval_s,
+                                            t.heartbeat_ttl_s, t.dht_request_s, stop)
+                await swarm.close_p2p()
             await stop.wait()
 
         asyncio.run(wait())

@@ -116,8 +116,10 @@ def _pid_alive(pid: int) -> bool:
 def problems(health: Health, now: float, pid_alive: bool) -> list[str]:
     """Why the node is not healthy; empty when it is. Healthy = its process runs, the record is
     fresh (younger than the run's heartbeat ttl), it is ONLINE, connected (at least one libp2p peer,
-    and a peer took its last heartbeat) and serving (a spare standing by counts: that is its job)."""
+    and a peer took its last heartbeat) and serving (a spare standing by counts: that is its job).
+    A bootstrap is healthy while it runs and keeps its record fresh."""
     found = []
+    bootstrap = health.role == "bootstrap"  # the first peer of a swarm: nobody may have connected yet
     if not pid_alive:
         found.append(f"node process {health.pid} is not running")
     age = now - health.updated_at
@@ -125,7 +127,7 @@ def problems(health: Health, now: float, pid_alive: bool) -> list[str]:
         found.append(f"last heartbeat {age:.0f} s ago (stale after {health.heartbeat_ttl_s:.0f} s)")
     if health.state != "ONLINE":
         found.append(f"state {health.state}")
-    if health.peers < 1 or not health.heartbeat_stored:
+    if not bootstrap and (health.peers < 1 or not health.heartbeat_stored):
         found.append(f"not connected ({health.peers} peers, last heartbeat "
                      f"{'stored' if health.heartbeat_stored else 'stored by no peer'})")
     if not health.serving and health.role != "spare":
@@ -138,6 +140,33 @@ def describe(health: Health, now: float) -> str:
     work = "serving" if health.serving else "standing by" if health.role == "spare" else "not serving"
     return (f"{health.state} {health.role or '-'}{where}, {work}, step {health.step}, {health.peers} peers, "
             f"{health.live_members} other live nodes, heartbeat {now - health.updated_at:.1f} s ago")
+
+
+async def keep_bootstrap_health(swarm, data_dir: Path, node_id: str, interval_s: float, ttl_s: float,
+                                request_s: float, stop) -> None:
+    """A bootstrap has no run and no heartbeats: it rewrites its health record every ``interval_s``
+    so that the image's HEALTHCHECK judges it too (``swarm``: node.dht.SwarmDHT)."""
+    import asyncio
+    import logging
+
+    while not stop.is_set():
+        peers = 0
+        try:
+            p2p = await swarm.p2p()
+            peers = len(await asyncio.wait_for(p2p.list_peers(), request_s))
+        except Exception as error:  # noqa: BLE001 - p2pd's errors are bare (or a timeout); 0 peers says it
+            logging.getLogger(__name__).debug("could not list libp2p peers: %s", error)
+        health = Health(state="ONLINE", role="bootstrap", stage=None, serving=swarm.dht.is_alive(), peers=peers,
+                        live_members=0, heartbeat_stored=True, step=0, updated_at=time.time(), heartbeat_ttl_s=ttl_s,
+                        pid=os.getpid(), node_id=node_id, run_id="")
+        try:
+            write_health(data_dir, health)
+        except OSError as error:
+            logging.getLogger(__name__).warning("cannot write the health file in %s: %s", data_dir, error.strerror)
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except TimeoutError:
+            pass
 
 
 # ---- the command -----------------------------------------------------------------------------

@@ -189,6 +189,10 @@ def test_every_swarmtrain_command_in_compose_parses():
     [status] = parsed["status"]
     peers_file = f"{bootstrap.data_dir}/maddrs.txt"  # what a bootstrap with a data dir writes
     assert bootstrap.command == "bootstrap" and bootstrap.announce_maddrs == ["/dns4/bootstrap/tcp/31337"]
+    check = services["bootstrap"]["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "swarmtrain"]
+    health, _ = parse_cli(check[2:])
+    assert health.command == "health" and health.data_dir == bootstrap.data_dir
     assert node.command == "node" and node.run == run_spec and node.initial_peers_file == peers_file
     assert status.command == "status" and status.initial_peers_file == peers_file
     # the issue-8 flags: checked by name until they exist, then by value

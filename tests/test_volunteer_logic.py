@@ -120,6 +120,9 @@ def healthy(**changes) -> Health:
 def test_health_verdicts():
     assert problems(healthy(), 1005.0, True) == []
     assert problems(healthy(role="spare", serving=False, stage=None), 1005.0, True) == []  # standing by
+    lone_bootstrap = healthy(role="bootstrap", stage=None, peers=0, live_members=0)
+    assert problems(lone_bootstrap, 1005.0, True) == []  # the first peer: nobody connected yet
+    assert problems(lone_bootstrap, 1009.0, True) and problems(lone_bootstrap, 1005.0, False)
     cases = {
         "stale": (healthy(), 1009.0, True, "last heartbeat 9 s ago"),
         "dead": (healthy(), 1001.0, False, "not running"),

@@ -10,6 +10,7 @@ import pty
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,7 +82,7 @@ class PtyReader:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_the_readme_docker_run_joins_and_the_healthcheck_judges_it(tmp_path):
     image = image_config(DOCKERFILES[0])
     assert image == image_config(DOCKERFILES[1])  # the CPU variant runs the same way
@@ -116,7 +117,27 @@ def test_the_readme_docker_run_joins_and_the_healthcheck_judges_it(tmp_path):
     terminal = PtyReader()
     health = host_command(image, INIT + image["healthcheck"])
     try:
-        _, peer = cluster.bootstrap()
+        # the organiser's bootstrap, as README runs it in the image: its data dir is the volume, so
+        # it keeps its keys and a restarted bootstrap has the same multiaddr, peer id included
+        boot_env = dict(env, SWARMTRAIN_DATA_DIR=str(tmp_path / "boot"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        boot_args = ["bootstrap", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+        maddrs_file = tmp_path / "boot" / "maddrs.txt"
+        addresses = []
+        for attempt in ("boot1", "boot2"):
+            maddrs_file.unlink(missing_ok=True)
+            boot = cluster.start(attempt, *boot_args, env=boot_env)
+            wait_until(lambda: maddrs_file.exists() and subprocess.run(health, env=boot_env, capture_output=True,
+                                                                       timeout=30).returncode == 0,
+                       90, 0.5, f"{attempt}'s address file and health")
+            addresses.append(maddrs_file.read_text().split())
+            if attempt == "boot1":
+                boot.popen.send_signal(signal.SIGTERM)
+                assert boot.popen.wait(30) == 0
+        assert addresses[0] == addresses[1] and "/p2p/" in addresses[0][0], addresses
+        peer = addresses[1][0]
         args[args.index("--initial-peers") + 1] = peer
         # A container has its own network namespace; on this machine the node listens on loopback
         # (a flag, which beats the image's SWARMTRAIN_PORT).
