@@ -9,12 +9,13 @@ where t is the *real* iteration time a demo iteration stands for (``--real-itera
 demo runs ``--time-scale`` times faster than the run it models, which also scales the
 checkpoint baseline's restart delay). A stage cannot fail again for ``--min-gap`` iterations.
 
-The loss is the data node's training loss per iteration on batches drawn at random from the
-embedded data (a 120-iteration run sees about 5 % of its 2.3 M training tokens, so nearly every
-batch is new: it stands in for a validation loss; a held-out evaluation along the pipeline is not
-built yet). Curves are
-smoothed over 5 iterations; the target is the no-failure run's smoothed loss at 75 % of its
-iterations, and each run reports the wall-clock seconds until its smoothed loss first reaches it.
+The loss is the validation loss of the swarm's model over time: every node writes its stage's
+weights every ``--snapshot-every`` iterations (``swarmtrain node --snapshot-dir``); afterwards the
+model the swarm held at each of the data node's snapshots (the stages that stepped that iteration; a
+lost stage is skipped, as the pipeline skips it) is evaluated along the full path on the run's
+validation split (the same windows for every run). The target is the no-failure run's validation
+loss at 75 % of its snapshots; each run reports the wall-clock seconds until its validation loss
+first reaches it. The data node's training loss (on batches it has not seen) is reported beside it.
 
     python bench/bench_recovery_loss.py [--iterations 120] [--rates 0.05 0.10 0.16]
 """
@@ -30,7 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO, record  # noqa: E402
 from bench.plot_png import line_chart  # noqa: E402
+from node.model_cli import path_loss, validation_windows  # noqa: E402
 from node.pipeline_demo import recoveries_of, run_pipeline_swarm, write_pipeline_spec  # noqa: E402
+from node.pipeline_node import stage_module  # noqa: E402
+from protocol.runspec import load_spec  # noqa: E402
+from trainer.pipeline.snapshots import list_snapshots, load_snapshot, models_over_time  # noqa: E402
 from trainer.recovery.failures import failure_probability, sample_failures  # noqa: E402
 
 STAGES = 4
@@ -47,23 +52,42 @@ def smooth(points: list[tuple[float, float]], n: int = 5) -> list[tuple[float, f
             for i in range(len(points))]
 
 
+VAL_TOKENS_PER_DOMAIN = 8192
+
+
+def validation_curve(snapshot_root: Path, spec_path: Path, start: float) -> list[tuple[float, float]]:
+    """(seconds since ``start``, validation loss) of the model at each data-node snapshot."""
+    spec = load_spec(spec_path)
+    inputs, targets = validation_windows(spec.data.domains, spec.data.val_fraction, spec.train.seed,
+                                         spec.model.seq_len, VAL_TOKENS_PER_DOMAIN)
+    stages = [stage_module(spec, s) for s in range(STAGES)]
+    curve = []
+    for head, parts in models_over_time(list_snapshots(snapshot_root), STAGES, slack_s=30.0):
+        for stage, snapshot in [(0, head), *parts.items()]:
+            stages[stage].load_state_dict(load_snapshot(snapshot))
+        curve.append((head.at - start, path_loss(stages, inputs, targets, sorted(parts), 64)))
+    return curve
+
+
 def run(workdir: Path, settings: dict, failures, args) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     spec = write_pipeline_spec(workdir, STAGES, args.iterations, STAGES, blocks_per_stage=[1] * STAGES,
                                path_length=STAGES, move_after_s=600.0, heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0,
                                checkpoint_every=args.checkpoint_every,
                                restart_delay_s=round(args.restart_s * args.time_scale, 3), **settings)
-    extra = {}
-    if settings.get("recovery") == "checkpoint":
-        extra = {i: ["--checkpoint-dir", str(workdir / "checkpoints")] for i in range(STAGES + len(failures))}
+    snapshot_args = ["--snapshot-dir", str(workdir / "snapshots"), "--snapshot-every", str(args.snapshot_every)]
+    checkpoint_args = (["--checkpoint-dir", str(workdir / "checkpoints")] if settings.get("recovery") == "checkpoint"
+                       else [])
+    extra = {i: snapshot_args + checkpoint_args for i in range(STAGES + len(failures))}
     began = time.time()
     reports, kills = run_pipeline_swarm(workdir, spec, STAGES, STAGES, 900, spares=len(failures),
                                         failures=failures, extra_args=extra)
     data = next(r for r in reports if r["stage"] == 0 and r["losses"])
     start = data["losses"][0][1]
-    curve = [(t - start, loss) for _, t, loss in data["losses"]]
-    return {"curve": smooth(curve), "wall_s": time.time() - began, "kills": len(kills),
-            "recoveries": recoveries_of(reports, kills), "iterations": len(curve)}
+    train = [(t - start, loss) for _, t, loss in data["losses"]]
+    return {"curve": validation_curve(workdir / "snapshots", spec, start), "train": smooth(train),
+            "wall_s": time.time() - began, "kills": len(kills), "recoveries": recoveries_of(reports, kills),
+            "iterations": len(train)}
 
 
 def main() -> int:
@@ -78,6 +102,7 @@ def main() -> int:
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--min-gap", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--snapshot-every", type=int, default=5, help="iterations between validation points")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the PNG plots")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -87,8 +112,10 @@ def main() -> int:
              f"scheduled failure, on 127.0.0.1; {args.iterations} iterations; a demo iteration stands for "
              f"{args.real_iteration_s:.0f} s of a real run (time scale {args.time_scale:.4g}); checkpoint baseline: "
              f"every {args.checkpoint_every} iterations, restart {args.restart_s:.0f} s real = "
-             f"{args.restart_s * args.time_scale:.2f} s here; loss = the data node's training loss on new batches, "
-             "smoothed over 5 iterations (see the script's docstring)"]
+             f"{args.restart_s * args.time_scale:.2f} s here; loss = validation loss of the swarm's model (weight "
+             f"snapshots every {args.snapshot_every} iterations, evaluated afterwards on {VAL_TOKENS_PER_DOMAIN} "
+             "validation tokens per domain along the full path of the stages then serving; see the script's "
+             "docstring); train = the data node's training loss, smoothed over 5 iterations"]
     with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
         base = run(Path(tmp) / "none", dict(swap="none", recovery="checkfree"), [], args)
     target_at = base["curve"][int(0.75 * (len(base["curve"]) - 1))]
@@ -98,8 +125,9 @@ def main() -> int:
         t = next((t for t, y in curve if y <= target), None)
         return f"{t:.1f} s" if t is not None else "not reached"
 
-    lines.append(f"no failures: target loss {target:.3f} (its smoothed loss at 75 % of the run) reached at "
-                 f"{reach(base['curve'])}; final {base['curve'][-1][1]:.3f} after {base['curve'][-1][0]:.1f} s")
+    lines.append(f"no failures: target validation loss {target:.3f} (its loss at 75 % of the run) reached at "
+                 f"{reach(base['curve'])}; final {base['curve'][-1][1]:.3f} after {base['curve'][-1][0]:.1f} s "
+                 f"(train {base['train'][-1][1]:.3f})")
     print(lines[-1], flush=True)
     for rate in args.rates:
         p = failure_probability(rate, args.real_iteration_s)
@@ -113,7 +141,8 @@ def main() -> int:
             series.append((name, result["curve"]))
             mttr = [r["mttr_s"] for r in result["recoveries"] if "mttr_s" in r]
             parts.append(f"{name}: target at {reach(result['curve'])}, final {result['curve'][-1][1]:.3f} after "
-                         f"{result['curve'][-1][0]:.1f} s ({result['iterations']} iterations trained"
+                         f"{result['curve'][-1][0]:.1f} s (train {result['train'][-1][1]:.3f}; "
+                         f"{result['iterations']} iterations trained"
                          + (f", recoveries {', '.join(r['method'] for r in result['recoveries'])}" if mttr else "")
                          + (f", mttr {sum(mttr) / len(mttr):.1f} s" if mttr else "") + ")")
             print(f"h={rate}: {parts[-1]}", flush=True)

@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                       help="pipeline runs with recovery = \"checkpoint\" (the baseline): the folder every node "
                            "saves its stage to and rolls back from; all nodes must share it")
+    node.add_argument("--snapshot-dir", default=None, metavar="DIR",
+                      help="pipeline mode: write the stage's weights to DIR every --snapshot-every iterations, "
+                           "to evaluate the run's model over time afterwards (bench/bench_recovery_loss.py)")
+    node.add_argument("--snapshot-every", type=int, default=5, metavar="N",
+                      help="pipeline mode: iterations between weight snapshots (default 5)")
     node.add_argument("--emulate-links", default=None, metavar="FILE",
                       help="one-machine runs: delay this node's RPC messages as the links of a scenario would "
                            "(JSON: scenario, time_scale, bytes_scale, locations by public name; see docs/pipeline.md)")
@@ -401,6 +406,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     if spec.run.mode == "pipeline" and spec.pipeline.recovery == "checkpoint" and not getattr(args, "checkpoint_dir", None):
         raise CliError('this run\'s pipeline.recovery is "checkpoint" (the baseline): give --checkpoint-dir, a folder '
                        "every node of the run shares")
+    if getattr(args, "snapshot_every", 1) < 1:
+        raise CliError("--snapshot-every must be at least 1")
     zo = spec.run.mode == "zo"
     if zo:
         from node.zo_node import RECORD_NAMES, build_replica
@@ -440,7 +447,9 @@ def cmd_node(args: argparse.Namespace) -> int:
                 report = Path(args.report) if getattr(args, "report", None) else None
                 keep = Path(args.keep_recovery_inputs) if getattr(args, "keep_recovery_inputs", None) else None
                 checkpoints = Path(args.checkpoint_dir) if getattr(args, "checkpoint_dir", None) else None
-                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None), keep, checkpoints)
+                snapshots = (Path(args.snapshot_dir), args.snapshot_every) if getattr(args, "snapshot_dir", None) else None
+                worker = run_pipeline_worker(node, stop, report, getattr(args, "fault", None), keep, checkpoints,
+                                             snapshots)
             elif zo:
                 from node.zo_node import run_zo_worker
 

@@ -153,9 +153,10 @@ async def _wait_for_start(node: Node, worker: PipelineWorker, stop: asyncio.Even
 
 async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path | None = None,
                               fault: str | None = None, keep_recovery_inputs: Path | None = None,
-                              checkpoint_dir: Path | None = None) -> None:
+                              checkpoint_dir: Path | None = None, snapshots: tuple[Path, int] | None = None) -> None:
     """Run the node's stage until the run's iterations are done (or ``stop``); then set ``stop``.
-    A spare first waits for a lost stage; a node the leader moves serves its new stage from then on."""
+    A spare first waits for a lost stage; a node the leader moves serves its new stage from then on.
+    ``snapshots``: (folder, every N iterations) for the stage's weights (trainer/pipeline/snapshots.py)."""
     torch.set_num_threads(1)
     if node.spec.pipeline.recovery == "checkpoint" and checkpoint_dir is None:
         raise ValueError("pipeline.recovery = \"checkpoint\" needs --checkpoint-dir: a folder every node of the "
@@ -191,7 +192,8 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
     while True:
         served = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
-                                    (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare)
+                                    (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare,
+                                    snapshots)
         if served is None:  # a spare found its stage served by the time it restored: back to waiting
             taken = await next_job()
             if taken is None:
@@ -240,7 +242,8 @@ def _write_json(path: Path, body: dict) -> None:
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
                        keep_recovery_inputs: Path | None, job: tuple[float | None, float | None], first: bool,
                        started: float, recoveries: list[dict], checkpoint_dir: Path | None,
-                       as_spare: bool) -> tuple[PipelineWorker, Leader, PipelineReport] | None:
+                       as_spare: bool, snapshots: tuple[Path, int] | None
+                       ) -> tuple[PipelineWorker, Leader, PipelineReport] | None:
     """Serve ``stage`` until the run ends or the leader moves us; None when a spare found the stage
     served already by the time it would restore it (it stays a spare)."""
     spec, pipe = node.spec, node.spec.pipeline
@@ -262,6 +265,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * getattr(torch, pipe.activation_dtype).itemsize,
         period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s,
         checkpoint_root=checkpoint_dir if pipe.recovery == "checkpoint" else None), stage)
+    if snapshots is not None:
+        worker.snapshot_root, worker.snapshot_every = snapshots
     if pipe.recovery == "checkpoint":
         worker.checkpoint_root, worker.checkpoint_every = checkpoint_dir, pipe.checkpoint_every
         worker.restart_delay_s = pipe.restart_delay_s

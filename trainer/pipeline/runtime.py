@@ -38,6 +38,7 @@ from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
 from trainer.pipeline.state import (STATE_PART_BYTES, encode_part, fetch_state, split_parts,  # noqa: F401 (re-exported)
                                     state_digest)
+from trainer.pipeline.snapshots import save_snapshot
 from trainer.recovery.checkpoint import load_checkpoint, save_checkpoint
 from trainer.swarm import Swarm, SwarmCallError
 
@@ -148,6 +149,8 @@ class PipelineWorker:
         self.rollback: tuple[int, int] | None = None  # (epoch, iteration) the run's leader ordered
         self.rolled_back_epoch = 0
         self.skip_rollback_to: int | None = None  # restored from that checkpoint already
+        self.snapshot_root: Path | None = None  # evaluation afterwards: weights every snapshot_every iterations
+        self.snapshot_every = 5
         self._state_cache: tuple[tuple[int, bool], tuple[dict, list[list[str]], bytes]] | None = None
         self.state_part_bytes = STATE_PART_BYTES
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
@@ -197,6 +200,9 @@ class PipelineWorker:
             await self._reduce_and_step(k)
             self.report.phases.append((k, began, reducing - began, time.time() - reducing))
             self.report.hashes.append((k, weights_hash(self.module).hex()))
+            if self.snapshot_root is not None and ((k + 1) % self.snapshot_every == 0 or k + 1 == self.settings.iterations):
+                await asyncio.to_thread(save_snapshot, self.snapshot_root, self.stage, k,
+                                        dict(self.module.state_dict()), time.time())
             logger.info("pipeline iteration %d done, weights %s", k, self.report.hashes[-1][1][:16])
             for key in [key for key in self._cache if key[0] <= k]:  # forwards of k that came during its reduce
                 del self._cache[key]
