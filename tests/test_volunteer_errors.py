@@ -1,6 +1,7 @@
 """What a volunteer sees when a node cannot start: one line on stderr that says what to do, and an
 exit code (2: a flag, setting or file the user gave is wrong; 1: the node could not do its work).
-Unreachable initial peers and a port in use are in tests/test_cli.py (they start a DHT)."""
+Unreachable initial peers and a port in use are in tests/test_cli.py (they start a DHT), unreadable
+specs there too (`run show`), and malformed sizes in tests/test_volunteer_logic.py."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,7 @@ def spec_variants(where, key) -> dict[str, str]:
     text = (where / "public.toml").read_text()
     unsigned = make_spec("pipeline", "tiny", key, name="unsigned")
     body = dumps_spec(unsigned).split("[owner]")[0]
-    return {"unsigned.toml": body, "tampered.toml": text.replace("steps = 1000", "steps = 1001"),
-            "bogus.toml": text + "\n[train2]\nx = 1\n"}
+    return {"unsigned.toml": body, "tampered.toml": text.replace("steps = 1000", "steps = 1001")}
 
 
 @pytest.mark.parametrize(
@@ -33,12 +33,9 @@ def spec_variants(where, key) -> dict[str, str]:
     [
         ("unsigned spec", ("--run", "unsigned.toml"), EXIT_FAILURE, ("not signed", "owner")),
         ("tampered spec", ("--run", "tampered.toml"), EXIT_FAILURE, ("signature does not verify", "changed")),
-        ("bad spec", ("--run", "bogus.toml"), EXIT_FAILURE, ("train2", "unknown section")),
         ("private run, no token", ("--run", "PRIVATE"), EXIT_USAGE, ("private", "--token", "token issue")),
         ("gpu absent", ("--device", "GPU"), EXIT_FAILURE, ()),
         ("data dir not writable", ("--data-dir", "a-file/sub"), EXIT_USAGE, ("a-file/sub", "not writable")),
-        ("memory too small", ("--max-memory", "1m"), EXIT_FAILURE, ("--max-memory 1.0 MiB", "give at least")),
-        ("memory malformed", ("--max-memory", "lots"), EXIT_USAGE, ("--max-memory 'lots'", "4GiB")),
         ("peers file never written", ("--initial-peers-file", "none.txt"), EXIT_USAGE,
          ("none.txt", "did not appear within 1 s")),
     ],
@@ -58,7 +55,7 @@ def test_node_start_errors_are_one_line_with_an_exit_code(tmp_path, owner, case,
         base += ["--data-dir", "d"]
     if "--device" not in args:
         base += ["--device", "cpu"]
-    result = swarmtrain(tmp_path, *base, *args, env={"SWARMTRAIN_TIMEOUT_STARTUP_S": "1"})
+    result = swarmtrain(tmp_path, *base, *args, env={"SWARMTRAIN_TIMEOUT_STARTUP_S": "1"}, timeout=120)
     assert_one_line_error(result, "node", *(fragments or gpu_fragments))
     assert result.returncode == code, (case, result.returncode, result.stderr)
     assert "multiaddrs" not in result.stdout  # it never joined a swarm
@@ -77,6 +74,6 @@ def test_max_memory_refuses_a_stage_before_joining(tmp_path):
     spec = make_spec("pipeline", "124m", generate_private_key(), name="big", stages=4, seq_len=256)
     (tmp_path / "big.toml").write_text(dumps_spec(spec))
     common = ["node", "--run", "big.toml", "--data-dir", "d", "--device", "cpu", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
-    result = swarmtrain(tmp_path, *common, "--role", "spare", "--max-memory", "600MiB")
+    result = swarmtrain(tmp_path, *common, "--role", "spare", "--max-memory", "600MiB", timeout=120)
     assert_one_line_error(result, "node", "stage 1", "AdamW state take 472.6 MiB", "give at least")
     assert result.returncode == EXIT_FAILURE

@@ -123,7 +123,9 @@ def test_the_readme_docker_run_joins_and_the_healthcheck_judges_it(tmp_path):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        boot_args = ["bootstrap", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+        # announced by name, as docker/compose.yaml announces /dns4/bootstrap/...
+        boot_args = ["bootstrap", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--announce-maddrs",
+                     f"/dns4/localhost/tcp/{port}"]
         maddrs_file = tmp_path / "boot" / "maddrs.txt"
         addresses = []
         for attempt in ("boot1", "boot2"):
@@ -136,7 +138,7 @@ def test_the_readme_docker_run_joins_and_the_healthcheck_judges_it(tmp_path):
             if attempt == "boot1":
                 boot.popen.send_signal(signal.SIGTERM)
                 assert boot.popen.wait(30) == 0
-        assert addresses[0] == addresses[1] and "/p2p/" in addresses[0][0], addresses
+        assert addresses[0] == addresses[1] and addresses[0][0].startswith(f"/dns4/localhost/tcp/{port}/p2p/"), addresses
         peer = addresses[1][0]
         args[args.index("--initial-peers") + 1] = peer
         # A container has its own network namespace; on this machine the node listens on loopback
