@@ -497,6 +497,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("plain", "WARNING")
     if args.steps is not None and args.steps <= 0:
         raise CliError("--steps must be positive")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a CI time-out stops the demo as Ctrl-C does
     if args.mode == "zo":
         return _demo_zo(args)
     if args.mode == "pipeline":
@@ -520,6 +521,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"validation loss {result.initial_val_loss:.3f} -> {result.final_val_loss:.3f} ({drop:.0f}% lower)")
     print(_sample_text(result.model, "def "), flush=True)
     return 0
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt  # the demo's finally-blocks stop its node processes and remove its folder
 
 
 def _demo_zo(args: argparse.Namespace) -> int:
