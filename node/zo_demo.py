@@ -143,8 +143,9 @@ def read_reports(procs: list[_Proc], paths: list[Path]) -> list[dict]:
 
 def stop_processes(procs: list[_Proc], grace_s: float = 15.0) -> None:
     """SIGTERM every process, then SIGKILL its whole session (p2pd and DHT children included).
-    A second Ctrl-C while this runs is ignored: it would leave the rest running."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    A second Ctrl-C (or SIGTERM) while this runs is ignored: it would leave the rest running."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         for proc in procs:
             if proc.popen.poll() is None:
@@ -163,8 +164,8 @@ def stop_processes(procs: list[_Proc], grace_s: float = 15.0) -> None:
             if proc.popen.poll() is None:
                 proc.popen.wait(5)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def summarize(reports: list[dict], nodes: int) -> dict:
