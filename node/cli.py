@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 from node import __version__
 from node.config import ConfigError, NodeConfig, load_node_config, parse_size, resolve_initial_peers
+from node.console import NodeConsole
 from node.health import add_health_parser, cmd_health, keep_bootstrap_health, write_maddrs
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
-from node.console import NodeConsole
 from node.logs import setup_logging
 from node.model_cli import add_model_parsers, cmd_eval, cmd_export, cmd_generate
 from node.schedule_cli import add_schedule_parser, cmd_schedule
@@ -202,9 +202,9 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-_NODE_FLAGS = ("run", "data_dir", "initial_peers", "initial_peers_file", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
-               "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join",
-               "emulate_links", "max_memory")
+_NODE_FLAGS = ("run", "data_dir", "initial_peers", "initial_peers_file", "host_maddrs", "announce_maddrs", "port",
+               "public_name", "role", "stage", "device", "token", "client_mode", "log_format", "log_level",
+               "base_weights", "zo_join", "emulate_links", "max_memory")
 
 
 # ---- commands --------------------------------------------------------------------------------
