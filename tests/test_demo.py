@@ -79,11 +79,17 @@ class Descendants:
         return sum(fragment in cmdline for cmdline in self.seen.values())
 
 
+def _as_a_foreground_job() -> None:
+    # A terminal's foreground job takes Ctrl-C; a job started in the background of a script inherits
+    # SIGINT ignored (POSIX), as this test itself may have been.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(tmp_path: Path, *args: str) -> subprocess.Popen:
     # its own process group, as a shell runs a foreground job: Ctrl-C is SIGINT to that group
     return subprocess.Popen([*SWARMTRAIN, "demo", "--quick", *args], cwd=tmp_path, env=child_env(),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_a_foreground_job)
 
 
 @pytest.mark.slow
