@@ -27,6 +27,14 @@ from trainer.swarm import SwarmCallError
 logger = logging.getLogger(__name__)
 
 
+class SourcesUnreachable(RecoveryError):
+    """None of the nodes asked gave their state: the view that named them is behind."""
+
+    def __init__(self, message: str, nodes: Collection[bytes]):
+        super().__init__(message)
+        self.nodes = set(nodes)
+
+
 async def _fetch_from_any(worker: PipelineWorker, nodes: list[bytes], weights_only: bool) -> tuple[bytes, RemoteState]:
     reasons = []
     for node in nodes:
@@ -37,7 +45,10 @@ async def _fetch_from_any(worker: PipelineWorker, nodes: list[bytes], weights_on
             return node, await fetch_state(call, weights_only=weights_only)
         except (SwarmCallError, ValueError) as error:
             reasons.append(f"{node.hex()[:12]}: {error}")
-    raise RecoveryError(f"none of {len(nodes)} node(s) gave their state ({'; '.join(reasons)[:400]})")
+    raise SourcesUnreachable(f"none of {len(nodes)} node(s) gave their state ({'; '.join(reasons)[:400]})", nodes)
+
+
+RESTORE_PLANS = 4  # plans tried when the nodes a plan names turn out to be gone
 
 
 class JobTaken(RecoveryError):
@@ -52,21 +63,48 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
     the same initial weights then). ``keep_inputs``: a folder where a rebuild leaves the neighbour
     weights and norms it used, so that it can be checked afterwards."""
     began = time.time()
-    peers = [p for p in await worker.swarm.peers(fresh=True)
-             if p.role in ("data", "stage") and p.stage is not None and p.id != worker.me]
-    iterations = [int(p.metrics.get("iteration", 0)) for p in peers]
-    if not peers or max(iterations) == 0:
-        return None
-    current = max((int(p.metrics.get("iteration", 0)) for p in peers if p.stage == 0), default=0)
-    by_stage: dict[int, list[bytes]] = {}
-    for p in peers:
-        by_stage.setdefault(p.stage, []).append(p.id)
+    unreachable: set[bytes] = set()
+    for attempt in range(RESTORE_PLANS):
+        peers = [p for p in await worker.swarm.peers(fresh=True)
+                 if p.role in ("data", "stage") and p.stage is not None and p.id != worker.me]
+        if not peers or max(int(p.metrics.get("iteration", 0)) for p in peers) == 0:
+            return None
+        current = max((int(p.metrics.get("iteration", 0)) for p in peers if p.stage == 0), default=0)
+        by_stage: dict[int, list[bytes]] = {}
+        for p in peers:
+            if p.id not in unreachable:
+                by_stage.setdefault(p.stage, []).append(p.id)
+        plan = plan_recovery(worker.stage, worker.settings.num_stages, swap, set(by_stage), method, blockless_stages)
+        if plan.method == "replica" and not allow_replica:
+            raise JobTaken(f"stage {worker.stage} has a live replica again")
+        logger.info("restoring stage %d: %s", worker.stage, plan.reason)
+        record: dict = {"stage": worker.stage, "method": plan.method, "sources": list(plan.sources),
+                        "reason": plan.reason}
+        try:
+            iteration = await _apply(worker, plan, by_stage, current, record, fetched, keep_inputs)
+            break
+        except SourcesUnreachable as error:
+            if attempt + 1 == RESTORE_PLANS:
+                raise
+            # a source died after the view was read (failures in quick succession): plan again without it
+            unreachable |= error.nodes
+            logger.warning("restoring stage %d: %s; planning again without them", worker.stage, error)
+    record.update(iteration=iteration, seconds=time.time() - began, at=time.time(),
+                  weights=weights_hash(worker.module).hex())
+    worker.report.recoveries.append(record)
+    if keep_inputs is not None:
+        keep_inputs.mkdir(parents=True, exist_ok=True)
+        (keep_inputs / f"stage{worker.stage}-recovery.json").write_text(json.dumps(record))
+    logger.info("stage %d restored by %s at iteration %d in %.2f s", worker.stage, plan.method, iteration,
+                record["seconds"])
+    return record
+
+
+async def _apply(worker: PipelineWorker, plan, by_stage: dict[int, list[bytes]], current: int, record: dict,
+                 fetched: Callable[[], None] | None, keep_inputs: Path | None) -> int:
+    """Carry out ``plan``: fill the worker's stage, note the sources and lr in ``record``; returns
+    the iteration the worker goes on from (it has begun it when this returns)."""
     num_stages = worker.settings.num_stages
-    plan = plan_recovery(worker.stage, num_stages, swap, set(by_stage), method, blockless_stages)
-    if plan.method == "replica" and not allow_replica:
-        raise JobTaken(f"stage {worker.stage} has a live replica again")
-    logger.info("restoring stage %d: %s", worker.stage, plan.reason)
-    record: dict = {"stage": worker.stage, "method": plan.method, "sources": list(plan.sources), "reason": plan.reason}
     lr = worker.settings.lr
     if plan.method == "replica":
         node, remote = await _fetch_from_any(worker, sorted(by_stage[worker.stage]), weights_only=False)
@@ -115,13 +153,6 @@ async def restore(worker: PipelineWorker, method: str, swap: str, keep_inputs: P
                           str(keep_inputs / f"stage{worker.stage}-from{stage}.safetensors"))
             save_file({n: t.detach().cpu().contiguous() for n, t in worker.module.state_dict().items()},
                       str(keep_inputs / f"stage{worker.stage}-rebuilt.safetensors"))
+    record["lr"] = lr
     await worker.begin_at(iteration)
-    record.update(iteration=iteration, lr=lr, seconds=time.time() - began, at=time.time(),
-                  weights=weights_hash(worker.module).hex())
-    worker.report.recoveries.append(record)
-    if keep_inputs is not None:
-        keep_inputs.mkdir(parents=True, exist_ok=True)
-        (keep_inputs / f"stage{worker.stage}-recovery.json").write_text(json.dumps(record))
-    logger.info("stage %d restored by %s at iteration %d in %.2f s", worker.stage, plan.method, iteration,
-                record["seconds"])
-    return record
+    return iteration
