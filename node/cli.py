@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from node import __version__
-from node.config import ConfigError, load_node_config
+from node.config import ConfigError, NodeConfig, load_node_config, parse_size, resolve_initial_peers
+from node.console import NodeConsole
+from node.health import add_health_parser, cmd_health, keep_bootstrap_health, write_maddrs
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.logs import setup_logging
 from node.model_cli import add_model_parsers, cmd_eval, cmd_export, cmd_generate
@@ -41,6 +43,9 @@ SETTINGS_EPILOG = (
 def _add_swarm_flags(parser: argparse.ArgumentParser, *, listens: bool = True) -> None:
     parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", default=None,
                         help="multiaddrs of peers already in the swarm (from `swarmtrain bootstrap`)")
+    parser.add_argument("--initial-peers-file", default=None, metavar="FILE",
+                        help="more initial peers: a file of multiaddrs, one a line, such as the maddrs.txt a "
+                             "bootstrap or node writes in its data dir (waited for while it does not exist yet)")
     if listens:  # status reads the swarm as a client: it listens nowhere and needs no identity
         parser.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
                             help="multiaddrs to listen on (default /ip4/0.0.0.0/tcp/0)")
@@ -112,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "spare waits and takes the first lost stage")
     node.add_argument("--stage", type=int, default=None, help="serve this pipeline stage")
     node.add_argument("--device", default=None, help="auto, cpu or cuda[:i]")
+    node.add_argument("--max-memory", default=None, metavar="SIZE",
+                      help="bound on what training may take on the device (e.g. 4GiB, 512m): the stage's weights, "
+                           "gradients, AdamW state and activations; caps the activation slots (pipeline.memory) "
+                           "to what fits, refuses a stage or model that does not, and on CUDA is enforced by the "
+                           "allocator (see docs/operations.md)")
     node.add_argument("--token", default=None, help="join token (text) for a private run")
     node.add_argument("--client-mode", action="store_true", default=None,
                       help="do not accept incoming DHT connections (behind NAT without relay)")
@@ -147,23 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_schedule_parser(commands)
     add_model_parsers(commands)
+    add_health_parser(commands)
 
-    demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data")
+    demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data",
+                               description="By default: 6 node processes and a spare train a 4-stage skip pipeline "
+                                           "for 40 iterations; stage 2's only node is killed at iteration 8 and the "
+                                           "spare rebuilds it from its neighbours (CheckFree). --quick: the same in "
+                                           "5 nodes and 16 iterations, for CI.")
     demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
                       help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
                            "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
-    demo.add_argument("--iterations", type=int, default=30, help="pipeline mode: training iterations")
-    demo.add_argument("--stages", type=int, default=3, help="pipeline mode: stages (stage 0 = data nodes)")
+    demo.add_argument("--quick", action="store_true",
+                      help="the reduced form for CI: pipeline 5 nodes, 16 iterations, the kill at iteration 3 "
+                           "(zo: 20 steps; single: 60 steps)")
+    demo.add_argument("--iterations", type=int, default=None, help="pipeline mode: training iterations (default 40)")
+    demo.add_argument("--stages", type=int, default=None, help="pipeline mode: stages, stage 0 = data nodes (default 4)")
     demo.add_argument("--preset", default="tiny", help="model preset (single mode)")
     demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo)")
     demo.add_argument("--base-steps", type=int, default=60,
                       help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
     demo.add_argument("--fail", default=None, metavar="SPEC",
                       help="pipeline mode: kill -9 nodes during the run, e.g. stage=2@iter=5 (items joined by ',', "
-                           "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt")
+                           "optional @replica=R) or a JSON failure schedule file; lost stages are rebuilt "
+                           "(default: stage STAGES/2 at iteration 8, with --quick 3, at most a third of --iterations; "
+                           "'none': no failure)")
     demo.add_argument("--spares", type=int, default=None,
-                      help="pipeline mode: spare nodes that take lost stages (default: 1 with --fail, else 0)")
+                      help="pipeline mode: spare nodes that take lost stages (default: 1 when a node is killed, else 0)")
     demo.add_argument("--recovery", choices=("checkfree", "random", "checkpoint"), default="checkfree",
                       help="pipeline mode: how a lost stage is rebuilt (checkfree: from its neighbours, with swap "
                            "copies for the edge stages; the baselines random: re-initialised, and checkpoint: "
@@ -182,9 +202,9 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-_NODE_FLAGS = ("run", "data_dir", "initial_peers", "host_maddrs", "announce_maddrs", "port", "public_name", "role",
-               "stage", "device", "token", "client_mode", "log_format", "log_level", "base_weights", "zo_join",
-               "emulate_links")
+_NODE_FLAGS = ("run", "data_dir", "initial_peers", "initial_peers_file", "host_maddrs", "announce_maddrs", "port",
+               "public_name", "role", "stage", "device", "token", "client_mode", "log_format", "log_level",
+               "base_weights", "zo_join", "emulate_links", "max_memory")
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -312,24 +332,37 @@ def _install_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from node.dht import SwarmDHT
-    from protocol.keys import generate_private_key
+    from node.dht import P2P_KEY_FILENAME, SwarmDHT
+    from protocol.keys import generate_private_key, public_key_bytes
 
-    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
     setup_logging(config.log_format, config.log_level or "INFO")
-    key = load_or_create_identity(_ensure_data_dir(config.data_dir)) if args.data_dir else generate_private_key()
+    # With a data dir (flag, SWARMTRAIN_DATA_DIR or --config) the bootstrap keeps its keys there, so
+    # its multiaddrs (libp2p peer id included) stay the same across restarts, and writes them to
+    # DATA_DIR/maddrs.txt for --initial-peers-file.
+    data_dir = _ensure_data_dir(config.data_dir) if args.data_dir or config.data_dir != NodeConfig.data_dir else None
+    key = load_or_create_identity(data_dir) if data_dir else generate_private_key()
     # The bootstrap peer belongs to no run: it stores every run's (signature-checked) records.
     swarm = SwarmDHT(key, b"", None, config.timeouts, initial_peers=config.initial_peers,
-                     host_maddrs=config.resolved_host_maddrs(), announce_maddrs=config.announce_maddrs)
+                     host_maddrs=config.resolved_host_maddrs(), announce_maddrs=config.announce_maddrs,
+                     identity_path=str(data_dir / P2P_KEY_FILENAME) if data_dir else None)
     try:
+        maddrs = swarm.visible_maddrs()
         print("share one of these multiaddrs as --initial-peers:")
-        for maddr in swarm.visible_maddrs():
+        for maddr in maddrs:
             print(f"  {maddr}")
         sys.stdout.flush()
+        if data_dir:
+            write_maddrs(data_dir, maddrs)
 
         async def wait() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            if data_dir:
+                t = config.timeouts
+                await keep_bootstrap_health(swarm, data_dir, public_key_bytes(key).hex(), t.heartbeat_interval_s,
+                                            t.heartbeat_ttl_s, t.dht_request_s, stop)
+                await swarm.close_p2p()
             await stop.wait()
 
         asyncio.run(wait())
@@ -357,6 +390,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
     spec = load_verified_spec(config.run)
+    config = resolve_initial_peers(config)
     token = token_from_text(config.token) if config.token else None
     setup_logging(config.log_format, config.log_level or "INFO")
     from node.roles import choose_role  # torch and hivemind: imported once the cheap checks passed
@@ -364,6 +398,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     # Judge the role request before the swarm starts, not after a minute of DHT bootstrap.
     choose_role(spec.run.mode, spec.pipeline.stages, {}, config.role, config.stage)
+    if config.max_memory:
+        from node.memory_budget import check_budget
+
+        stage = 0 if config.role == "data" else config.stage
+        check_budget(spec, parse_size(config.max_memory), stage, spare=config.role == "spare")
     if spec.run.mode == "pipeline" and spec.pipeline.recovery == "checkpoint" and not getattr(args, "checkpoint_dir", None):
         raise CliError('this run\'s pipeline.recovery is "checkpoint" (the baseline): give --checkpoint-dir, a folder '
                        "every node of the run shares")
@@ -386,15 +425,22 @@ def cmd_node(args: argparse.Namespace) -> int:
         from node.pipeline_node import RECORD_NAMES as PIPELINE_RECORDS
     node = Node(config, spec, key, token,
                 app_record_names=RECORD_NAMES if zo else PIPELINE_RECORDS if spec.run.mode == "pipeline" else ())
+    node.has_worker = spec.run.mode in ("pipeline", "zo")
+    if config.max_memory:
+        from node.memory_budget import cap_cuda
+
+        cap_cuda(node.device, parse_size(config.max_memory))
+    console = NodeConsole(tty=None if config.log_format == "plain" else False)
     maddrs = node.start()
     try:
-        print("this node's multiaddrs (others may use them as --initial-peers):", flush=True)
-        for maddr in maddrs:
-            print(f"  {maddr}", flush=True)
+        console.addresses(maddrs)
+        write_maddrs(data_dir, maddrs)
+        console.route_logs()
 
         async def serve() -> None:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
+            shown = asyncio.create_task(console.run(node, stop))
             if spec.run.mode == "pipeline":
                 from node.pipeline_node import run_pipeline_worker
 
@@ -412,10 +458,12 @@ def cmd_node(args: argparse.Namespace) -> int:
                                        getattr(args, "zo_fault", None))
             else:
                 await node.run(stop)
+                await shown
                 return
             task = asyncio.create_task(worker)  # it sets stop when the run's work is done
             task.add_done_callback(lambda _: stop.set())  # and when it fails: the node does not linger
             await node.run(stop)
+            await shown
             if task.done():
                 task.result()  # a failed worker's error reaches the user
             else:
@@ -430,10 +478,10 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import collect_status, format_status
 
-    config = load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config)
+    config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
     setup_logging(config.log_format, config.log_level or "WARNING")
     if not config.initial_peers:
-        raise CliError("status needs --initial-peers to find the swarm")
+        raise CliError("status needs --initial-peers (or --initial-peers-file) to find the swarm")
     spec = load_verified_spec(args.run) if args.run else None
     report = collect_status(config, spec)
     if args.json:
@@ -449,6 +497,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("plain", "WARNING")
     if args.steps is not None and args.steps <= 0:
         raise CliError("--steps must be positive")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a CI time-out stops the demo as Ctrl-C does
     if args.mode == "zo":
         return _demo_zo(args)
     if args.mode == "pipeline":
@@ -456,7 +505,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         raise CliError("--json applies to --mode pipeline and --mode zo")
     _model_config(args.preset)
-    config = TrainConfig(preset=args.preset, steps=args.steps or 300)
+    config = TrainConfig(preset=args.preset, steps=args.steps or (60 if args.quick else 300))
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
           f"(domains: {', '.join(config.domains) if config.domains else 'all'})", flush=True)
 
@@ -474,16 +523,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt  # the demo's finally-blocks stop its node processes and remove its folder
+
+
 def _demo_zo(args: argparse.Namespace) -> int:
     from node.zo_demo import DemoError, run_demo
 
-    args.nodes = 4 if args.nodes is None else args.nodes
+    args.nodes = (3 if args.quick else 4) if args.nodes is None else args.nodes
     if not 1 <= args.nodes <= 16:
         raise CliError("--nodes must be in 1..16 (each node process needs about 300 MB)")
     if args.base_steps < 0:
         raise CliError("--base-steps must be >= 0")
     try:
-        result = run_demo(args.nodes, args.steps or 60, args.base_steps, args.json)
+        result = run_demo(args.nodes, args.steps or (20 if args.quick else 60), args.base_steps, args.json)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:
@@ -499,48 +552,47 @@ def _demo_zo(args: argparse.Namespace) -> int:
 
 
 def _demo_pipeline(args: argparse.Namespace) -> int:
-    from node.pipeline_demo import run_demo
+    from node.pipeline_demo import FULL, QUICK, DemoPlan, format_summary, run_demo
     from node.zo_demo import DemoError
 
-    nodes = 6 if args.nodes is None else args.nodes
-    if not 2 <= args.stages <= 4:
+    preset = QUICK if args.quick else FULL
+    stages = preset["stages"] if args.stages is None else args.stages
+    iterations = preset["iterations"] if args.iterations is None else args.iterations
+    nodes = preset["nodes"] if args.nodes is None else args.nodes
+    fail = args.fail
+    if fail is None and iterations >= 3:  # the showcase: a middle stage's only node dies a third of the way in
+        fail = f"stage={stages // 2}@iter={min(preset['fail_at'], iterations // 3)}"
+    if not 2 <= stages <= 4:
         raise CliError("--stages must be in 2..4 for the tiny preset (4 blocks)")
-    if not args.stages <= nodes <= 16:
-        raise CliError(f"--nodes must be in {args.stages}..16: every stage needs a node")
-    if args.iterations <= 0:
+    if not stages <= nodes <= 16:
+        raise CliError(f"--nodes must be in {stages}..16: every stage needs a node")
+    if iterations <= 0:
         raise CliError("--iterations must be positive")
     failures = []
-    if args.fail is not None:
+    if fail is not None and fail != "none":
         from trainer.recovery.failures import FailureSpecError, load_failure_schedule, parse_fail_spec
 
         try:
-            failures = (load_failure_schedule(args.fail, args.stages) if Path(args.fail).is_file()
-                        else parse_fail_spec(args.fail, args.stages))
+            failures = (load_failure_schedule(fail, stages) if Path(fail).is_file() else parse_fail_spec(fail, stages))
         except FailureSpecError as error:
             raise CliError(f"--fail: {error}") from None
-        if any(f.iteration >= args.iterations for f in failures):
-            raise CliError(f"--fail: every failure's iteration must be below --iterations ({args.iterations})")
-        if any(f.stage == 0 for f in failures) and nodes < args.stages + 1:
+        if any(f.iteration >= iterations for f in failures):
+            raise CliError(f"--fail: every failure's iteration must be below --iterations ({iterations})")
+        if any(f.stage == 0 for f in failures) and nodes < stages + 1:
             raise CliError("--fail: killing a data node needs a second one (more --nodes): stage 0 is copied "
                            "from a live data node")
     spares = (1 if failures else 0) if args.spares is None else args.spares
     if not 0 <= spares <= 8:
         raise CliError("--spares must be in 0..8")
+    plan = DemoPlan(nodes, stages, iterations, tuple(failures), spares, args.recovery)
     try:
-        result = run_demo(nodes, args.stages, args.iterations, args.json, failures=failures, spares=spares,
-                          recovery=args.recovery)
+        result = run_demo(plan, args.json)
     except DemoError as error:
         raise CliError(str(error)) from None
     if args.json:
         print(json.dumps(result, sort_keys=True))
-        return 0 if result["replicas_identical"] else EXIT_FAILURE
-    print(f"{result['nodes']} nodes, {result['stages']} stages, {result['iterations']} iterations "
-          f"({result['mean_iteration_s']} s each): training loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
-    print(f"replicas of every stage identical: {'yes' if result['replicas_identical'] else 'NO'}; "
-          f"{result['tokens_per_s']:,} tokens/s over the data nodes")
-    for r in result.get("recoveries", []):
-        mttr = f"{r['mttr_s']:.1f} s after the kill" if "mttr_s" in r else "(no kill matched)"
-        print(f"stage {r['stage']} rebuilt by {r['method']} at iteration {r['iteration']}, serving again {mttr}")
+    else:
+        print("\n".join(format_summary(result)))
     return 0 if result["replicas_identical"] else EXIT_FAILURE
 
 
@@ -566,6 +618,7 @@ COMMANDS = {
     "export": cmd_export,
     "generate": cmd_generate,
     "eval": cmd_eval,
+    "health": cmd_health,
 }
 
 
@@ -603,7 +656,8 @@ def _known_error(error: Exception) -> str | None:
     user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
                    (("node.dht", "SwarmStartError"), ("node.dht", "DHTReadError"), ("node.runner", "DeviceError"),
                     ("node.roles", "RoleError"), ("node.averaging", "AveragingError"),
-                    ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"))]
+                    ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"),
+                    ("node.health", "HealthError"), ("node.memory_budget", "MemoryBudgetError"))]
     if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,6 +86,7 @@ class NodeConfig:
     run: str = ""  # path of the signed run spec (TOML)
     data_dir: str = "./swarmtrain-data"
     initial_peers: tuple[str, ...] = ()
+    initial_peers_file: str = ""  # more initial peers: a file of multiaddrs, one a line (e.g. DATA_DIR/maddrs.txt)
     host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()
     port: int | None = None  # shorthand for host_maddrs /ip4/0.0.0.0/tcp/PORT
@@ -96,6 +99,7 @@ class NodeConfig:
     base_weights: str = ""  # zo mode: file of the run's base weights (torch.save state dict); "" = from the seed
     zo_join: str = "auto"  # zo mode: catch up by replaying the commit log, by a snapshot, or whichever is cheaper
     emulate_links: str = ""  # link emulation file for one-machine runs (node/linkemu.py); "" = none
+    max_memory: str = ""  # e.g. 4GiB: bound on the training state and activations (node/memory_budget.py); "" = none
     log_format: str = "plain"
     log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -105,6 +109,32 @@ class NodeConfig:
         if self.port is not None:
             return (f"/ip4/0.0.0.0/tcp/{self.port}",)
         return self.host_maddrs
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str, what: str = "--max-memory") -> int:
+    """A byte size: ``2GiB``, ``512m``, ``1.5G``, ``800MB``, ``1000000``: k/m/g/t and KiB.. are powers of 1024
+    (as in ``docker run --memory``), KB/MB/GB/TB powers of 1000."""
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"{what} {text!r} is not a size such as 4GiB, 512m or 800MB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{what} {text!r} must be positive")
+    return size
+
+
+def format_size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def _kind(annotation: str) -> str:
@@ -192,6 +222,7 @@ def load_node_config(
 ) -> NodeConfig:
     """Merge the sources; ``flags`` holds only the flags the user actually gave."""
     config = NodeConfig()
+    table: Mapping[str, Any] = {}
     if config_path:
         path = Path(config_path)
         if not path.is_file():
@@ -202,7 +233,8 @@ def load_node_config(
             raise ConfigError(f"config file {config_path} is not valid TOML: {error}") from None
         except OSError as error:
             raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
-        config = _apply(config, table.get("node", table), f"config file {config_path}", ".".join)
+        table = table.get("node", table)
+        config = _apply(config, table, f"config file {config_path}", ".".join)
     env = os.environ if env is None else env
     env_values: dict[str, Any] = {}
     for f in fields(NodeConfig):
@@ -218,8 +250,48 @@ def load_node_config(
     config = _apply(config, env_values, "the environment", _env_name)
     flag_values = {k: v for k, v in flags.items() if v is not None}
     config = _apply(config, flag_values, "the command line", lambda path: "--" + path[-1].replace("_", "-"))
+    # --port is shorthand for --host-maddrs; whichever came from the stronger source wins (the
+    # image sets SWARMTRAIN_PORT, and a --host-maddrs flag must still beat it).
+    def rank(name: str) -> int:
+        return 3 if name in flag_values else 2 if name in env_values else 1 if name in table else 0
+
+    if config.port is not None and rank("host_maddrs") > rank("port"):
+        config = dataclasses.replace(config, port=None)
     validate(config)
     return config
+
+
+MAX_PEERS_FILE_BYTES = 64 << 10
+
+
+def resolve_initial_peers(config: NodeConfig, poll_s: float = 0.2) -> NodeConfig:
+    """Add the multiaddrs of ``initial_peers_file`` to ``initial_peers``. A file that does not exist
+    yet is waited for, up to ``timeouts.startup_s``: compose starts a bootstrap and its nodes together,
+    and the bootstrap writes its addresses once it listens."""
+    if not config.initial_peers_file:
+        return config
+    path = Path(config.initial_peers_file)
+    deadline = time.monotonic() + config.timeouts.startup_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--initial-peers-file {path} did not appear within {config.timeouts.startup_s:.0f} s; "
+                              "is the bootstrap writing it (its data dir's maddrs.txt)?")
+        time.sleep(poll_s)  # a file that appears has no event to wait on without inotify
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_PEERS_FILE_BYTES + 1)
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read --initial-peers-file {path}: {getattr(error, 'strerror', None) or error}") from None
+    if len(raw) > MAX_PEERS_FILE_BYTES:
+        raise ConfigError(f"--initial-peers-file {path} is larger than {MAX_PEERS_FILE_BYTES} bytes")
+    found = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    bad = [line for line in found if not line.startswith("/") or "/p2p/" not in line]
+    if bad:
+        raise ConfigError(f"--initial-peers-file {path}: {bad[0]!r} is not a multiaddr with a /p2p/ peer id")
+    if not found:
+        raise ConfigError(f"--initial-peers-file {path} lists no multiaddrs")
+    return dataclasses.replace(config, initial_peers=tuple(dict.fromkeys((*config.initial_peers, *found))))
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -241,6 +313,8 @@ def validate(config: NodeConfig) -> None:
         raise ConfigError("--public-name is longer than 64 characters")
     if not config.public_name.isprintable():
         raise ConfigError("--public-name must be printable text (no control characters or line breaks)")
+    if config.max_memory:
+        parse_size(config.max_memory)
     for f in fields(Timeouts):
         if getattr(config.timeouts, f.name) <= 0:
             raise ConfigError(f"timeout {f.name} must be positive, not {getattr(config.timeouts, f.name)}")

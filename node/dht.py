@@ -30,6 +30,7 @@ from protocol.records import MAX_RECORD_TTL_S, RECORD_NAMES, RUNS_DIRECTORY_KEY,
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+P2P_KEY_FILENAME = "p2p.key"  # a persistent libp2p identity (the peer id in our multiaddrs)
 RUNS_DIRECTORY = RUNS_DIRECTORY_KEY  # one global key listing the runs in this swarm
 
 
@@ -92,7 +93,10 @@ class SwarmDHT:
         token: bytes | None = None,
         record_limits: Limits = Limits(max_bytes=64 << 10, max_age_s=MAX_RECORD_TTL_S),
         app_record_names: Iterable[str] = (),
+        identity_path: str | None = None,
     ):
+        """``identity_path``: keep the libp2p key in this file (created on first start), so that
+        the peer id, and with it our multiaddrs, survive restarts."""
         self._key = private_key
         self.public_key = public_key_bytes(private_key)
         self.access = access
@@ -118,6 +122,7 @@ class SwarmDHT:
                 record_validators=[validator],
                 startup_timeout=timeouts.startup_s,
                 wait_timeout=timeouts.dht_request_s,
+                **({"identity_path": identity_path} if identity_path else {}),
             )
         except Exception as error:  # hivemind raises bare P2PDaemonError/RuntimeError/ValueError here
             raise SwarmStartError(_explain_start_error(error)) from None

@@ -7,7 +7,11 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from node.config import format_size
 
 from node.zo_demo import DemoError, _first_maddr, _start, read_reports, stop_processes
 
@@ -85,18 +89,23 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
                        extra_args: dict[int, list[str]] | None = None,
                        joins: list[tuple[int, list[str]]] = (),
                        roles: dict[int, list[str]] | None = None,
-                       may_die: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
+                       may_die: set[str] = frozenset(),
+                       on_bootstrap: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Node i serves stage i % stages (stage 0: data nodes); then ``spares`` spare nodes; ``joins``:
     (iteration, role arguments) of nodes started when the run reaches that iteration. Returns the
     reports of the nodes that finished (each with its ``process`` name) and the kills of
     ``failures`` (see FailureInjector). ``extra_args``: more arguments for node i; ``roles``: role
     arguments for node i instead of the default; ``may_die``: processes (node{i}) that are allowed
-    to end without a report (a test's fault injection)."""
+    to end without a report (a test's fault injection); ``on_bootstrap``: called with the bootstrap's
+    multiaddr once it listens. ``progress`` is called every PROGRESS_EVERY_S with the node processes
+    and the kills so far."""
     procs = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
         procs.append(boot)
         peer = _first_maddr(boot, 60)
+        if on_bootstrap is not None:
+            on_bootstrap(peer)
         def start(i: int, name: str, role: list[str]) -> None:
             procs.append(_start(workdir, f"node{i}", [
                 "node", "--run", str(spec), "--data-dir", str(workdir / f"node{i}"), "--initial-peers", peer,
@@ -121,7 +130,7 @@ def run_pipeline_swarm(workdir: Path, spec: Path, nodes: int, stages: int, timeo
                 injector.procs = procs[1:]
             if progress is not None and time.monotonic() - last > PROGRESS_EVERY_S:
                 last = time.monotonic()
-                progress(procs[1:])
+                progress(procs[1:], injector.kills)
             time.sleep(0.25)
         killed = {k["node"] for k in injector.kills}
         left = [(p, workdir / f"node{i}.json") for i, p in enumerate(procs[1:]) if p.name not in killed
@@ -173,38 +182,104 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
         "replicas_identical_every_iteration": agree(lambda r: r["hashes"]),
         "mean_iteration_s": round(sum(times) / len(times), 3) if times else None,
         "rerouted": sum(r["rerouted"] for r in reports),
+        "bytes_sent": sum(r.get("bytes_sent", 0) for r in reports),  # RPC bytes, headers included
         "tokens_per_s": round(sum(r["tokens"] for r in data) / max(1e-9, max(r["seconds"] for r in data)), 1)
         if data else None,
     }
 
 
-def run_demo(nodes: int, stages: int, iterations: int, as_json: bool, timeout_s: float = 1800.0,
-             failures=(), spares: int = 0, recovery: str = "checkfree") -> dict:
+@dataclass(frozen=True)
+class DemoPlan:
+    """One demo run: ``swarmtrain demo`` (make demo) or its reduced form ``--quick`` (CI)."""
+
+    nodes: int
+    stages: int
+    iterations: int
+    failures: tuple = ()
+    spares: int = 0
+    recovery: str = "checkfree"
+
+
+# 4 stages of one block each: stage 2 has neighbours on both sides, so its loss shows the CheckFree
+# rebuild from them (stages 1 and 3 are swap partners of 2 under CheckFree+). Node i serves stage
+# i % 4, so the full demo holds stages 0 and 1 twice and the quick one stage 0 twice.
+FULL = dict(nodes=6, stages=4, iterations=40, fail_at=8)
+QUICK = dict(nodes=5, stages=4, iterations=16, fail_at=3)
+DEMO_SPEC = dict(heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0, move_after_s=600.0)  # a kill is noticed in ~4 s
+
+
+def status_page_url(peer: str) -> str | None:
+    """Hook for the status page (issue 8): start `swarmtrain status --serve PORT --initial-peers PEER`
+    beside the swarm and return its URL; the demo prints it while it runs. None: no status server yet."""
+    return None
+
+
+def run_demo(plan: DemoPlan, as_json: bool, timeout_s: float = 1800.0) -> dict:
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if as_json else print
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swarmtrain-pipeline-demo-") as tmp:
         workdir = Path(tmp)
-        spec = write_pipeline_spec(workdir, stages, iterations, nodes, recovery=recovery)
-        say(f"starting {nodes} node processes: a {stages}-stage skip pipeline of the tiny preset on the embedded "
-            f"data, {iterations} iterations", flush=True)
+        spec = write_pipeline_spec(workdir, plan.stages, plan.iterations, plan.nodes, recovery=plan.recovery,
+                                   **DEMO_SPEC)
+        say(f"starting {plan.nodes} node processes: a {plan.stages}-stage skip pipeline of the tiny preset on the "
+            f"embedded data, {plan.iterations} iterations", flush=True)
+        if plan.failures:
+            say(f"with {plan.spares} spare node(s) and failures: "
+                + ", ".join(f"stage {f.stage} killed at iteration {f.iteration}" for f in plan.failures), flush=True)
+        shown: set[str] = set()
 
-        def progress(procs) -> None:
-            lines = []
+        def progress(procs, kills) -> None:
+            for kill in kills:
+                key = f"kill {kill['stage']} {kill['iteration']}"
+                if key not in shown:
+                    shown.add(key)
+                    say(f"  killed {kill['node'] or 'nobody'} (stage {kill['stage']}) with SIGKILL at iteration "
+                        f"{kill['iteration']}", flush=True)
             for p in procs:
-                found = [line for line in p.text().splitlines() if "mean loss" in line]
-                if found:
-                    lines.append(found[-1].split(": ", 1)[-1])
-            if lines:
-                say("  " + lines[-1], flush=True)
+                for line in p.text().splitlines():
+                    if "took lost stage" in line and "role:" in line:
+                        took = f"  {p.name}: {line.split(' — ', 1)[-1]}"
+                        if took not in shown:
+                            shown.add(took)
+                            say(took, flush=True)
+            losses = [line.split(": ", 1)[-1] for p in procs for line in p.text().splitlines() if "mean loss" in line]
+            if losses and losses[-1] not in shown:
+                shown.add(losses[-1])
+                say("  " + losses[-1], flush=True)
 
-        if failures:
-            say(f"with {spares} spare node(s) and failures: "
-                + ", ".join(f"stage {f.stage} at iteration {f.iteration}" for f in failures), flush=True)
-        checkpoints = ["--checkpoint-dir", str(workdir / "checkpoints")] if recovery == "checkpoint" else []
-        reports, kills = run_pipeline_swarm(workdir, spec, nodes, stages, timeout_s,
-                                            None if as_json else progress, spares=spares, failures=failures,
-                                            extra_args={i: checkpoints for i in range(nodes + spares)})
-    summary = summarize_pipeline([r for r in reports if r["stage"] is not None], stages)
-    if failures:
+        def announce_status_page(peer: str) -> None:
+            url = status_page_url(peer)
+            if url is not None:
+                say(f"status page: {url}", flush=True)
+
+        checkpoints = ["--checkpoint-dir", str(workdir / "checkpoints")] if plan.recovery == "checkpoint" else []
+        reports, kills = run_pipeline_swarm(workdir, spec, plan.nodes, plan.stages, timeout_s,
+                                            None if as_json else progress, spares=plan.spares,
+                                            failures=plan.failures,
+                                            extra_args={i: checkpoints for i in range(plan.nodes + plan.spares)},
+                                            on_bootstrap=announce_status_page)
+    summary = summarize_pipeline([r for r in reports if r["stage"] is not None], plan.stages)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    if plan.failures:
         summary["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in kills]
         summary["recoveries"] = recoveries_of(reports, kills)
     return summary
+
+
+def format_summary(result: dict) -> list[str]:
+    """The demo's closing lines for a person."""
+    lines = [f"{result['nodes']} nodes, {result['stages']} stages, {result['iterations']} iterations in "
+             f"{result['seconds']} s ({result['mean_iteration_s']} s each)",
+             f"training loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}"]
+    for r in result.get("recoveries", []):
+        timing = (f"serving again {r['mttr_s']:.1f} s after the kill (noticed after {r['detection_s']:.1f} s, "
+                  f"restored in {r['restore_s']:.1f} s)" if "mttr_s" in r and "detection_s" in r
+                  else f"serving again {r['mttr_s']:.1f} s after the kill" if "mttr_s" in r else "(no kill matched)")
+        lines.append(f"stage {r['stage']} lost, rebuilt by {r['method']} on {r['node']} at iteration "
+                     f"{r['iteration']}, {timing}")
+    if "recoveries" in result and not result["recoveries"]:
+        lines.append("no stage was rebuilt before the run ended")
+    lines.append(f"replicas of every stage identical: {'yes' if result['replicas_identical'] else 'NO'}; "
+                 f"{result['tokens_per_s']:,} tokens/s over the data nodes; "
+                 f"{format_size(result['bytes_sent'])} sent over the RPC by all nodes")
+    return lines

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from node.config import format_size, parse_size
+from node.memory_budget import fit_slots, stage_memory
 from node.roles import RoleChoice
 from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
@@ -109,6 +111,20 @@ async def take_lost_stage(node: Node, swarm: HivemindSwarm, stop: asyncio.Event,
     return None
 
 
+def activation_slots(node: Node, stage: int) -> int:
+    """pipeline.memory, or fewer when --max-memory leaves room for fewer (node/memory_budget.py)."""
+    wanted = node.spec.pipeline.memory
+    if not node.config.max_memory:
+        return wanted
+    budget = parse_size(node.config.max_memory)
+    need = stage_memory(node.spec, stage)
+    slots = fit_slots(need, budget, wanted)
+    logger.info("--max-memory %s: stage %d takes %s for its state and %s per activation slot; %d of "
+                "pipeline.memory=%d slots fit", format_size(budget), stage, format_size(need.state_bytes),
+                format_size(need.slot_bytes), slots, wanted)
+    return slots
+
+
 async def _served(swarm: HivemindSwarm, stage: int) -> bool:
     return any(p.stage == stage and p.role in ("data", "stage") for p in await swarm.peers(fresh=True))
 
@@ -189,6 +205,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
         worker, leader, report = served
         spare = False
         first = False
+        node.serving = False
         if report.moved_to is None or stop.is_set():
             break
         moves.append([stage, report.moved_to])
@@ -233,7 +250,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
     module = (await asyncio.to_thread(stage_module, spec, stage)).to(node.device)
     data = await asyncio.to_thread(data_stream, spec, node.public_key) if stage == 0 else None
     settings = PipelineSettings(num_stages=pipe.stages, path_length=pipe.path_length, swap=pipe.swap,
-                                microbatches=pipe.microbatches, memory=pipe.memory, iterations=spec.train.steps,
+                                microbatches=pipe.microbatches, memory=activation_slots(node, stage),
+                                iterations=spec.train.steps,
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
                                 use_leader=pipe.planner == "leader",
                                 activation_dtype=getattr(torch, pipe.activation_dtype),
@@ -303,6 +321,7 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
             except TimeoutError:
                 pass
 
+    node.serving = True
     metrics = asyncio.create_task(publish_metrics())
     leading = asyncio.create_task(leader.run(stop)) if pipe.planner == "leader" else None
     try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,6 +17,7 @@ from node import __version__
 from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
+from node.health import Health, write_health
 from node.linkemu import LinkShaper, load_emulation
 from node.membership import Member, derive_members, diff_events
 from node.roles import RoleChoice, choose_role, reconsider_stage
@@ -129,6 +132,11 @@ class Node:
         self._averaging: GroupAveraging | None = None
         self.handlers: dict[str, Handler] = {"ping": self._handle_ping, "echo": self._handle_echo}
         self.online = asyncio.Event()  # set once the node has announced itself ONLINE
+        # The worker sets it once it does its role's work (serves its stage, runs zo steps); a node
+        # without a worker serves once ONLINE. `swarmtrain health` reports it (node/health.py).
+        self.serving = False
+        self.has_worker = False
+        self._health_warned = False
         self.emulation = load_emulation(config.emulate_links) if config.emulate_links else None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -220,6 +228,8 @@ class Node:
         await self.announce(NodeState.ONLINE)
         await self.publish_run_directory()
         logger.info("node %s is ONLINE in run %s", self.id[:16], self.run_id.hex())
+        if not self.has_worker:
+            self.serving = True
         self.online.set()
 
     async def leave(self) -> None:
@@ -286,8 +296,33 @@ class Node:
                          uptime_s=time.time() - self.started_at)
         ttl = min(self.timeouts.heartbeat_ttl_s * HEARTBEAT_RETENTION, MAX_RECORD_TTL_S)
         deadline = self.timeouts.heartbeat_ttl_s - self.timeouts.heartbeat_interval_s
-        if not await self.swarm.store(HEARTBEATS, Heartbeat.KIND, beat.to_body(), ttl, timeout=deadline):
+        stored = await self.swarm.store(HEARTBEATS, Heartbeat.KIND, beat.to_body(), ttl, timeout=deadline)
+        if not stored:
             logger.warning("heartbeat was not stored by any peer")
+        await self._write_health(stored)
+
+    async def _write_health(self, heartbeat_stored: bool) -> None:
+        """DATA_DIR/health.json for `swarmtrain health` (a container's HEALTHCHECK)."""
+        assert self.swarm is not None
+        peers = 0
+        try:
+            p2p = await self.swarm.p2p()
+            peers = len(await asyncio.wait_for(p2p.list_peers(), self.timeouts.dht_request_s))
+        except Exception as error:  # noqa: BLE001 - p2pd's errors are bare (or a timeout); 0 peers says it
+            logger.debug("could not list libp2p peers: %s", error)
+        live = sum(1 for key, m in self.view.members.items()
+                   if key != self.public_key and m.state in ("ONLINE", "JOINING"))
+        health = Health(state=self.state.value.upper(), role=self.role.role.value if self.role else "",
+                        stage=self.role.stage if self.role else None, serving=self.serving, peers=peers,
+                        live_members=live, heartbeat_stored=bool(heartbeat_stored), step=int(self.step),
+                        updated_at=time.time(), heartbeat_ttl_s=self.timeouts.heartbeat_ttl_s, pid=os.getpid(),
+                        node_id=self.id, run_id=self.run_id.hex())
+        try:
+            write_health(Path(self.config.data_dir), health)
+        except OSError as error:
+            if not self._health_warned:  # a full or read-only disk: say it once, keep training
+                logger.warning("cannot write the health file in %s: %s", self.config.data_dir, error.strerror)
+                self._health_warned = True
 
     async def publish_run_directory(self) -> None:
         assert self.swarm is not None

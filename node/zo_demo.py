@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 PROGRESS_EVERY_S = 5.0
+_PR_SET_PDEATHSIG = 1
 
 
 class DemoError(RuntimeError):
@@ -43,11 +46,19 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _die_with_demo() -> None:
+    """In the child, before exec: SIGTERM when the demo dies, even by SIGKILL (node.dht.die_with_parent)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _start(workdir: Path, name: str, args: list[str]) -> _Proc:
+    """A node process in its own session: Ctrl-C reaches only the demo, which stops it in order
+    (stop_processes); if the demo is killed outright, the kernel tells the node to leave."""
     log = workdir / f"{name}.log"
     with open(log, "wb") as handle:
         popen = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, cwd=workdir, env=_env(), start_new_session=True)
+                                 stdin=subprocess.DEVNULL, cwd=workdir, env=_env(), start_new_session=True,
+                                 preexec_fn=_die_with_demo)
     return _Proc(name, popen, log)
 
 
@@ -130,20 +141,31 @@ def read_reports(procs: list[_Proc], paths: list[Path]) -> list[dict]:
     return found
 
 
-def stop_processes(procs: list[_Proc]) -> None:
-    """SIGTERM every process, then SIGKILL its whole session (p2pd and DHT children included)."""
-    for proc in procs:
-        if proc.popen.poll() is None:
-            proc.popen.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.popen.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def stop_processes(procs: list[_Proc], grace_s: float = 15.0) -> None:
+    """SIGTERM every process, then SIGKILL its whole session (p2pd and DHT children included).
+    A second Ctrl-C (or SIGTERM) while this runs is ignored: it would leave the rest running."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        for proc in procs:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            if proc.popen.poll() is None:
+                proc.popen.wait(5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def summarize(reports: list[dict], nodes: int) -> dict:

@@ -114,9 +114,11 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
                 pass
 
     tracker = asyncio.create_task(track_step())
+    node.serving = True
     try:
         report = await worker.run(stop)
     finally:
+        node.serving = False
         tracker.cancel()
     if report_path is not None:
         rpc = node.rpc.stats if node.rpc is not None else None

@@ -277,6 +277,7 @@ def test_node_with_unreachable_initial_peer_fails_fast(tmp_path, owner):
     result = swarmtrain(tmp_path, "node", "--run", str(where / "public.toml"), "--data-dir", "d", "--device", "cpu",
                         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", peer, timeout=120)
     assert_one_line_error(result, "node", "cannot reach any initial peer", "--initial-peers")
+    assert result.returncode == 1
 
 
 def test_node_on_a_port_in_use(tmp_path, owner):
@@ -288,6 +289,7 @@ def test_node_on_a_port_in_use(tmp_path, owner):
         result = swarmtrain(tmp_path, "node", "--run", str(where / "public.toml"), "--data-dir", "d",
                             "--device", "cpu", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", timeout=120)
     assert_one_line_error(result, "node", "already in use", str(port))
+    assert result.returncode == 1
 
 
 # ---- help, usage, demo -----------------------------------------------------------------------

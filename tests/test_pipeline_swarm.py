@@ -130,22 +130,6 @@ def test_pipeline_survives_kill_of_a_replica_mid_iteration(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_demo_pipeline_json(tmp_path):
-    import subprocess
-
-    from tests.harness import SWARMTRAIN, child_env
-
-    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "6", "--json"], cwd=tmp_path,
-                          env=child_env(), capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["iterations"] == 6 and result["nodes"] == 6 and result["stages"] == 3
-    assert result["replicas_identical"] is True and result["loss_end"] < result["loss_start"]
-    assert result["mean_iteration_s"] > 0
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_leader_killed_another_leads_and_training_goes_on(tmp_path):
     import time

@@ -165,7 +165,7 @@ def test_demo_fail_reports_each_recovery(tmp_path):
 
     from tests.harness import SWARMTRAIN, child_env
 
-    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "70", "--json",
+    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "70", "--stages", "3", "--json",
                            "--fail", "stage=1@iter=4,stage=1@iter=4@replica=1"], cwd=tmp_path,
                           env=child_env(), capture_output=True, text=True, timeout=380)
     assert done.returncode == 0, done.stderr[-3000:]
