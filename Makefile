@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup system-deps clean
+# Debian packages that the status page's tests drive (a real browser and a real MQTT broker)
+SYSTEM_DEPS := chromium fonts-liberation mosquitto
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run: make PYTHON=python3 ..."; exit 1; }
@@ -25,8 +27,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/swarmtrain demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# As root with apt (CI), the missing ones are installed; elsewhere the tests that need them are skipped
+# and say why in the summary.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=$$(for p in $(SYSTEM_DEPS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing" $$missing; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		fi; \
+	else \
+		echo "not root with apt: tests that need $(SYSTEM_DEPS) run only where they are installed"; \
+	fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,9 +22,12 @@ first reaches it. The data node's training loss (on batches it has not seen) is 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,6 +37,7 @@ from bench.plot_png import line_chart  # noqa: E402
 from node.model_cli import path_loss, validation_windows  # noqa: E402
 from node.pipeline_demo import recoveries_of, run_pipeline_swarm, write_pipeline_spec  # noqa: E402
 from node.pipeline_node import stage_module  # noqa: E402
+from node.zo_demo import DemoError  # noqa: E402
 from protocol.runspec import load_spec  # noqa: E402
 from trainer.pipeline.snapshots import list_snapshots, load_snapshot, models_over_time  # noqa: E402
 from trainer.recovery.failures import failure_probability, sample_failures  # noqa: E402
@@ -80,14 +84,29 @@ def run(workdir: Path, settings: dict, failures, args) -> dict:
                        else [])
     extra = {i: snapshot_args + checkpoint_args for i in range(STAGES + len(failures))}
     began = time.time()
-    reports, kills = run_pipeline_swarm(workdir, spec, STAGES, STAGES, 900, spares=len(failures),
+    reports, kills = run_pipeline_swarm(workdir, spec, STAGES, STAGES, args.limit_s, spares=len(failures),
                                         failures=failures, extra_args=extra)
     data = next(r for r in reports if r["stage"] == 0 and r["losses"])
     start = data["losses"][0][1]
     train = [(t - start, loss) for _, t, loss in data["losses"]]
     return {"curve": validation_curve(workdir / "snapshots", spec, start), "train": smooth(train),
             "wall_s": time.time() - began, "kills": len(kills), "recoveries": recoveries_of(reports, kills),
+            # a failure due while its stage had no running replica (still being rebuilt) kills nothing
+            "missed": [f"stage {k['stage']} at {k['iteration']}" for k in kills if k["node"] is None],
             "iterations": len(train)}
+
+
+@contextmanager
+def run_folder(keep: Path | None, name: str) -> Iterator[Path]:
+    """A run's working folder: under ``keep`` (kept), or a temporary one."""
+    if keep is not None:
+        folder = keep / name.replace(" ", "-").replace("+", "plus")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
+        yield Path(tmp)
 
 
 def main() -> int:
@@ -104,6 +123,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--snapshot-every", type=int, default=5, help="iterations between validation points")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for the PNG plots")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+                        help=f"the recoveries compared (default all: {', '.join(METHODS)})")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep every run's folder (logs, reports, snapshots) under this folder")
+    parser.add_argument("--limit-s", type=float, default=900.0,
+                        help="a swarm still running after this many seconds is recorded as not finished")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -116,8 +141,8 @@ def main() -> int:
              f"snapshots every {args.snapshot_every} iterations, evaluated afterwards on {VAL_TOKENS_PER_DOMAIN} "
              "validation tokens per domain along the full path of the stages then serving; see the script's "
              "docstring); train = the data node's training loss, smoothed over 5 iterations"]
-    with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
-        base = run(Path(tmp) / "none", dict(swap="none", recovery="checkfree"), [], args)
+    with run_folder(args.keep, "none") as folder:
+        base = run(folder, dict(swap="none", recovery="checkfree"), [], args)
     target_at = base["curve"][int(0.75 * (len(base["curve"]) - 1))]
     target = target_at[1]
 
@@ -135,16 +160,23 @@ def main() -> int:
         schedule = ", ".join(f"stage {f.stage} at {f.iteration}" for f in failures) or "none drawn"
         series = [("no failures", base["curve"])]
         parts = []
-        for name, settings in METHODS.items():
-            with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
-                result = run(Path(tmp), settings, failures, args)
+        for name in args.methods:
+            try:
+                with run_folder(args.keep, f"h{round(rate * 100):02d}-{name}") as folder:
+                    result = run(folder, METHODS[name], failures, args)
+            except DemoError as error:  # one swarm that hangs or fails does not lose the others' figures
+                parts.append(f"{name}: did not finish ({error})")
+                print(f"h={rate}: {parts[-1]}", flush=True)
+                continue
             series.append((name, result["curve"]))
             mttr = [r["mttr_s"] for r in result["recoveries"] if "mttr_s" in r]
             parts.append(f"{name}: target at {reach(result['curve'])}, final {result['curve'][-1][1]:.3f} after "
                          f"{result['curve'][-1][0]:.1f} s (train {result['train'][-1][1]:.3f}; "
                          f"{result['iterations']} iterations trained"
                          + (f", recoveries {', '.join(r['method'] for r in result['recoveries'])}" if mttr else "")
-                         + (f", mttr {sum(mttr) / len(mttr):.1f} s" if mttr else "") + ")")
+                         + (f", mttr {sum(mttr) / len(mttr):.1f} s" if mttr else "")
+                         + (f"; not injected, no process served the stage then: {', '.join(result['missed'])}"
+                            if result["missed"] else "") + ")")
             print(f"h={rate}: {parts[-1]}", flush=True)
         png = out / f"recovery_loss_h{round(rate * 100):02d}.png"
         legend = line_chart(png, series)

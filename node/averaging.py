@@ -162,9 +162,15 @@ class GroupAveraging:
                 for name, buffer in zip(names, buffers):
                     buffer.copy_(tensors[name].detach().to("cpu"))
             timeout = self._timeouts.averaging_matchmaking_s + self._timeouts.averaging_s
-            gathered = await asyncio.to_thread(
-                averager.step, gather=self._join_envelope(layout, weight), weight=float(weight), timeout=timeout
-            )
+            try:
+                gathered = await asyncio.to_thread(
+                    averager.step, gather=self._join_envelope(layout, weight), weight=float(weight), timeout=timeout
+                )
+            except Exception as error:  # noqa: BLE001
+                # hivemind raises bare AllreduceException, TimeoutError, MatchmakingException, ... when a
+                # round fails (a peer died or left mid-round, no group formed): a failed round, never a
+                # reason for the node to stop
+                raise AveragingError(f"averaging {group!r} failed: {type(error).__name__}: {error}") from None
             if not gathered:
                 raise AveragingError(f"no averaging group for {group!r} formed within {timeout:.0f} s")
             self._check_group(gathered, layout)

@@ -17,6 +17,7 @@ from node.console import NodeConsole
 from node.health import add_health_parser, cmd_health, keep_bootstrap_health, write_maddrs
 from node.identity import IdentityError, load_or_create_identity, read_private_key, write_private_key
 from node.logs import setup_logging
+from node.ensemble_cli import add_ensemble_parser, cmd_ensemble
 from node.model_cli import add_model_parsers, cmd_eval, cmd_export, cmd_generate
 from node.schedule_cli import add_schedule_parser, cmd_schedule
 
@@ -57,6 +58,18 @@ def _add_swarm_flags(parser: argparse.ArgumentParser, *, listens: bool = True) -
     parser.add_argument("--config", default=None, help="TOML file with node settings ([node] table)")
     parser.add_argument("--log-format", choices=("plain", "json"), default=None, help="log line format")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_status_flags(parser: argparse.ArgumentParser, port_help: str | None) -> None:
+    """The status page and MQTT telemetry (docs/status.md)."""
+    if port_help is not None:
+        parser.add_argument("--status-port", type=int, default=None, metavar="PORT", help=port_help)
+    parser.add_argument("--status-host", default=None, metavar="ADDR",
+                        help="address the status page listens on (default 127.0.0.1; 0.0.0.0: every interface)")
+    parser.add_argument("--mqtt", default=None, metavar="URL",
+                        help=("publish signed status and metrics to this MQTT broker, mqtt://host:port"
+                              if port_help is not None else
+                              "also subscribe to the nodes' MQTT telemetry on this broker, mqtt://host:port"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--zo-report", default=None, metavar="FILE",
                       help="zo mode: write a JSON report (steps, losses, weight hashes, bytes) here when done")
     node.add_argument("--report", default=None, metavar="FILE",
-                      help="pipeline mode: write a JSON report (losses, paths, weight hashes) here when done")
+                      help="pipeline mode: write a JSON report (losses, paths, weight hashes) here when done; "
+                           "experts mode: keep a JSON report of the node's jobs and checkpoints here")
     node.add_argument("--keep-recovery-inputs", default=None, metavar="DIR",
                       help="pipeline mode: when this node rebuilds a lost stage, keep the neighbour weights and "
                            "gradient norms it used (safetensors and JSON) in DIR, to check the rebuild afterwards")
@@ -147,34 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--emulate-links", default=None, metavar="FILE",
                       help="one-machine runs: delay this node's RPC messages as the links of a scenario would "
                            "(JSON: scenario, time_scale, bytes_scale, locations by public name; see docs/pipeline.md)")
+    _add_status_flags(node, "serve this node's status page (its run) on this TCP port")
+    node.add_argument("--link-faults", default=None, metavar="FILE",
+                      help="chaos tests: drop, delay or cut this node's RPC messages as FILE says, re-read when it "
+                           "changes (JSON: drop, delay_s, jitter_s, nodes, partition; see docs/chaos.md)")
     node.add_argument("--zo-fault", default=None, help=argparse.SUPPRESS)  # tests only: see node.zo_node.parse_fault
-    node.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests only: node.pipeline_node.parse_fault
+    node.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests only: parse_fault of pipeline_/experts_node
 
     status = commands.add_parser("status", help="show the swarm's runs and nodes", epilog=SETTINGS_EPILOG)
     _add_swarm_flags(status, listens=False)
     status.add_argument("--run", default=None, help="only this run (spec path)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--serve", type=int, default=None, metavar="PORT",
+                        help="serve the status page, JSON API, server-sent events and /metrics on this TCP port "
+                             "(until Ctrl-C) instead of printing once")
+    _add_status_flags(status, None)
 
     add_schedule_parser(commands)
     add_model_parsers(commands)
     add_health_parser(commands)
+    add_ensemble_parser(commands)
 
     demo = commands.add_parser("demo", help="a local swarm (a skip pipeline by default) trains on the embedded data",
                                description="By default: 6 node processes and a spare train a 4-stage skip pipeline "
                                            "for 40 iterations; stage 2's only node is killed at iteration 8 and the "
                                            "spare rebuilds it from its neighbours (CheckFree). --quick: the same in "
                                            "5 nodes and 16 iterations, for CI.")
-    demo.add_argument("--mode", choices=("pipeline", "zo", "single"), default="pipeline",
+    demo.add_argument("--mode", choices=("pipeline", "zo", "experts", "single"), default="pipeline",
                       help="pipeline: a local swarm of node processes trains a skip pipeline; zo: a local swarm "
-                           "fine-tunes with SPSA and one byte per probe; single: one process with AdamW")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 300 single, 60 zo)")
+                           "fine-tunes with SPSA and one byte per probe; experts: a local swarm trains heterogeneous "
+                           "and homogeneous domain expert ensembles of equal compute and compares them; single: one "
+                           "process with AdamW")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps (default 300 single, 60 zo; experts: steps of each homogeneous expert, "
+                           "default 150)")
     demo.add_argument("--quick", action="store_true",
                       help="the reduced form for CI: pipeline 5 nodes, 16 iterations, the kill at iteration 3 "
-                           "(zo: 20 steps; single: 60 steps)")
+                           "(zo: 20 steps; experts: 40 steps per homogeneous expert; single: 60 steps)")
     demo.add_argument("--iterations", type=int, default=None, help="pipeline mode: training iterations (default 40)")
     demo.add_argument("--stages", type=int, default=None, help="pipeline mode: stages, stage 0 = data nodes (default 4)")
     demo.add_argument("--preset", default="tiny", help="model preset (single mode)")
-    demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo)")
+    demo.add_argument("--nodes", type=int, default=None, help="node processes (default 6 pipeline, 4 zo, 3 experts)")
     demo.add_argument("--base-steps", type=int, default=60,
                       help="zo mode: backprop steps on prose that make the base weights the swarm fine-tunes")
     demo.add_argument("--fail", default=None, metavar="SPEC",
@@ -189,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "copies for the edge stages; the baselines random: re-initialised, and checkpoint: "
                            "everyone rolls back to the last checkpoint)")
     demo.add_argument("--json", action="store_true",
-                      help="pipeline and zo modes: the last line printed is one JSON object")
+                      help="pipeline, zo and experts modes: the last line printed is one JSON object")
     return parser
 
 
@@ -204,7 +231,8 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 _NODE_FLAGS = ("run", "data_dir", "initial_peers", "initial_peers_file", "host_maddrs", "announce_maddrs", "port",
                "public_name", "role", "stage", "device", "token", "client_mode", "log_format", "log_level",
-               "base_weights", "zo_join", "emulate_links", "max_memory")
+               "base_weights", "zo_join", "emulate_links", "max_memory", "status_port", "status_host", "mqtt",
+               "link_faults")
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -241,6 +269,10 @@ def cmd_run_init(args: argparse.Namespace) -> int:
         if args.mode != "zo":
             raise CliError("--base-weights applies to --mode zo only")
         overrides["base_hash"] = _base_hash(args.base_weights, args.preset, overrides.get("params"))
+    if args.mode == "experts":
+        from node.ensemble_cli import experts_overrides
+
+        overrides = experts_overrides(args, overrides)
     spec = make_spec(args.mode, args.preset, read_private_key(Path(args.key)), access=args.access, **overrides)
     _check_model_fits(spec)
     out.write_text(dumps_spec(spec))
@@ -413,6 +445,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         from node.zo_node import RECORD_NAMES, build_replica
 
         build_replica(spec, config.base_weights)  # a bad --base-weights fails here, before the swarm starts
+    if spec.run.mode == "experts":
+        from node.ensemble_cli import check_experts_node
+
+        RECORD_NAMES = check_experts_node(spec, getattr(args, "fault", None))
     data_dir = _ensure_data_dir(config.data_dir)
     key = load_or_create_identity(data_dir)
     node_id = public_key_bytes(key).hex()
@@ -424,7 +460,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     if spec.run.mode == "pipeline":
         from node.pipeline_node import RECORD_NAMES as PIPELINE_RECORDS
     node = Node(config, spec, key, token,
-                app_record_names=RECORD_NAMES if zo else PIPELINE_RECORDS if spec.run.mode == "pipeline" else ())
+                app_record_names=PIPELINE_RECORDS if spec.run.mode == "pipeline"
+                else RECORD_NAMES if spec.run.mode in ("zo", "experts") else ())
     node.has_worker = spec.run.mode in ("pipeline", "zo")
     if config.max_memory:
         from node.memory_budget import cap_cuda
@@ -441,6 +478,14 @@ def cmd_node(args: argparse.Namespace) -> int:
             stop = asyncio.Event()
             _install_stop(asyncio.get_running_loop(), stop)
             shown = asyncio.create_task(console.run(node, stop))
+            services = await _node_services(node, config, stop)
+            try:
+                await work(stop)
+            finally:
+                await _end_services(services, config.timeouts.leave_grace_s)
+            await shown
+
+        async def work(stop: asyncio.Event) -> None:
             if spec.run.mode == "pipeline":
                 from node.pipeline_node import run_pipeline_worker
 
@@ -456,14 +501,17 @@ def cmd_node(args: argparse.Namespace) -> int:
                 report = Path(args.zo_report) if getattr(args, "zo_report", None) else None
                 worker = run_zo_worker(node, stop, config.base_weights, config.zo_join, report,
                                        getattr(args, "zo_fault", None))
+            elif spec.run.mode == "experts":
+                from node.experts_node import run_expert_worker
+
+                report = Path(args.report) if getattr(args, "report", None) else None
+                worker = run_expert_worker(node, stop, report, getattr(args, "fault", None))
             else:
                 await node.run(stop)
-                await shown
                 return
             task = asyncio.create_task(worker)  # it sets stop when the run's work is done
             task.add_done_callback(lambda _: stop.set())  # and when it fails: the node does not linger
             await node.run(stop)
-            await shown
             if task.done():
                 task.result()  # a failed worker's error reaches the user
             else:
@@ -475,19 +523,70 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _node_services(node, config, stop: asyncio.Event) -> list[asyncio.Task]:
+    """The status page (--status-port) and MQTT telemetry (--mqtt), when asked for."""
+    tasks = []
+    if config.status_port is not None:
+        from node.status_server import node_server, run_for_node
+
+        server = node_server(node)
+        print(f"status page: {await server.start()}", flush=True)
+        tasks.append(asyncio.create_task(run_for_node(node, server, stop)))
+    if config.mqtt:
+        from node.mqtt import publish_telemetry
+        from node.mqtt_messages import parse_mqtt_url
+
+        tasks.append(asyncio.create_task(publish_telemetry(node, parse_mqtt_url(config.mqtt), stop)))
+    return tasks
+
+
+async def _end_services(tasks: list[asyncio.Task], grace_s: float) -> None:
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=grace_s)
+        for task in late:
+            task.cancel()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import collect_status, format_status
 
     config = resolve_initial_peers(load_node_config(_flags(args, _NODE_FLAGS), config_path=args.config))
-    setup_logging(config.log_format, config.log_level or "WARNING")
+    setup_logging(config.log_format, config.log_level or ("INFO" if args.serve is not None else "WARNING"))
     if not config.initial_peers:
         raise CliError("status needs --initial-peers (or --initial-peers-file) to find the swarm")
     spec = load_verified_spec(args.run) if args.run else None
+    if args.serve is not None:
+        if args.json:
+            raise CliError("--json prints one report; --serve keeps serving them: choose one")
+        if not 0 <= args.serve <= 65535:
+            raise CliError(f"--serve {args.serve} is outside 0..65535")
+        return _serve_status(config, spec, args.serve)
+    if config.mqtt:
+        raise CliError("--mqtt applies to --serve: a single report reads only the DHT")
     report = collect_status(config, spec)
     if args.json:
         print(json.dumps(report, indent=None, sort_keys=True))
     else:
         print(format_status(report))
+    return 0
+
+
+def _serve_status(config, spec, port: int) -> int:
+    from node.status import observer_swarm
+    from node.status_server import run_standalone, standalone_server
+
+    swarm = observer_swarm(config)
+    try:
+        async def serve() -> None:
+            stop = asyncio.Event()
+            _install_stop(asyncio.get_running_loop(), stop)
+            server = standalone_server(swarm, config, spec, port)
+            print(f"status page: {await server.start()}", flush=True)
+            await run_standalone(server, config, stop)
+
+        asyncio.run(serve())
+    finally:
+        swarm.shutdown()
     return 0
 
 
@@ -502,8 +601,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _demo_zo(args)
     if args.mode == "pipeline":
         return _demo_pipeline(args)
+    if args.mode == "experts":
+        from node.ensemble_cli import demo_experts
+
+        return demo_experts(args)
     if args.json:
-        raise CliError("--json applies to --mode pipeline and --mode zo")
+        raise CliError("--json applies to --mode pipeline, zo and experts")
     _model_config(args.preset)
     config = TrainConfig(preset=args.preset, steps=args.steps or (60 if args.quick else 300))
     print(f"training the {config.preset} preset for {config.steps} steps on the embedded default data "
@@ -593,7 +696,14 @@ def _demo_pipeline(args: argparse.Namespace) -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         print("\n".join(format_summary(result)))
-    return 0 if result["replicas_identical"] else EXIT_FAILURE
+    if not result["replicas_identical"]:
+        differ = "; ".join(f"stage {stage}: " + ", ".join(f"{name} at iteration {last[0]} {last[1]}" if last else
+                                                          f"{name} stepped never" for name, last in by_node.items())
+                           for stage, by_node in result.get("replicas_differ", {}).items())
+        print(f"swarmtrain demo: error: the replicas of a stage ended with different weights ({differ}); "
+              f"the nodes' logs are in {result.get('logs', '?')}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def _sample_text(model, prompt: str) -> str:
@@ -619,6 +729,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "eval": cmd_eval,
     "health": cmd_health,
+    "ensemble": cmd_ensemble,
 }
 
 
@@ -655,9 +766,11 @@ def _known_error(error: Exception) -> str | None:
     # add seconds to every error message.
     user_errors = [getattr(sys.modules.get(module), name, None) for module, name in
                    (("node.dht", "SwarmStartError"), ("node.dht", "DHTReadError"), ("node.runner", "DeviceError"),
+                    ("node.status_server", "StatusServerError"),
                     ("node.roles", "RoleError"), ("node.averaging", "AveragingError"),
                     ("node.zo_node", "BaseWeightsError"), ("trainer.zo.replica", "ReplicaError"),
-                    ("node.health", "HealthError"), ("node.memory_budget", "MemoryBudgetError"))]
+                    ("node.health", "HealthError"), ("node.memory_budget", "MemoryBudgetError"),
+                    ("node.ensemble_cli", "EnsembleCliError"), ("ensemble.jobs", "JobError"))]
     if isinstance(error, tuple(cls for cls in user_errors if cls is not None)):
         return str(error)
     if isinstance(error, ProtocolError):

@@ -34,6 +34,7 @@ class Timeouts:
     averaging_matchmaking_s: float = 3.0  # how long peers gather into an averaging group
     averaging_s: float = 60.0  # one all-reduce once the group formed
     leave_grace_s: float = 5.0  # time to publish LEAVING and shut down on SIGTERM
+    mqtt_s: float = 10.0  # one MQTT connect, publish or subscribe round trip
 
     def transfer_s(self, nbytes: int) -> float:
         return self.rpc_s + nbytes / self.min_transfer_bytes_s
@@ -100,6 +101,10 @@ class NodeConfig:
     zo_join: str = "auto"  # zo mode: catch up by replaying the commit log, by a snapshot, or whichever is cheaper
     emulate_links: str = ""  # link emulation file for one-machine runs (node/linkemu.py); "" = none
     max_memory: str = ""  # e.g. 4GiB: bound on the training state and activations (node/memory_budget.py); "" = none
+    status_port: int | None = None  # serve the status page on this TCP port (node/status_server.py)
+    status_host: str = "127.0.0.1"  # the address it listens on; 0.0.0.0 for every interface
+    mqtt: str = ""  # MQTT broker URL (mqtt://host:port) for telemetry (node/mqtt.py); "" = none
+    link_faults: str = ""  # injected link faults, re-read when it changes (node/linkemu.py); "" = none
     log_format: str = "plain"
     log_level: str = ""  # empty: the command's own default (INFO for node, WARNING for status)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -301,6 +306,17 @@ ROLES = ("auto", "data", "stage", "spare")
 def validate(config: NodeConfig) -> None:
     if config.port is not None and not 0 <= config.port <= 65535:
         raise ConfigError(f"--port {config.port} is outside 0..65535")
+    if config.status_port is not None and not 0 <= config.status_port <= 65535:
+        raise ConfigError(f"--status-port {config.status_port} is outside 0..65535")
+    if not config.status_host.strip():
+        raise ConfigError("--status-host is empty; give an address such as 127.0.0.1 or 0.0.0.0")
+    if config.mqtt:
+        from node.mqtt_messages import MqttUrlError, parse_mqtt_url
+
+        try:
+            parse_mqtt_url(config.mqtt)
+        except MqttUrlError as error:
+            raise ConfigError(str(error)) from None
     if config.stage is not None and config.stage < 0:
         raise ConfigError(f"--stage {config.stage} is negative; stages are numbered from 0")
     if config.role not in ROLES:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -20,10 +22,11 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
+from node.clock import ClockWatch
 from node.config import Timeouts
 from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, Sequencer
-from protocol.errors import ProtocolError
+from protocol.errors import Expired, ProtocolError
 from protocol.keys import public_key_bytes
 from protocol.records import MAX_RECORD_TTL_S, RECORD_NAMES, RUNS_DIRECTORY_KEY, SwarmRecordValidator, dht_key, open_record, seal_record
 
@@ -105,6 +108,8 @@ class SwarmDHT:
         self.token = token
         self.record_limits = record_limits
         self._seq = Sequencer()
+        # every record read tells the time its signer's clock showed: a clock of ours that is off shows
+        self.clock = ClockWatch(timeouts.heartbeat_ttl_s, Limits().max_future_s, Limits().max_age_s)
         # A run's node fully validates the run's record families (its own, the trainer's declared
         # ``app_record_names`` and the runs directory) on every store. Other keys only get their
         # lifetime bounded: the same DHT carries hivemind's averager matchmaking records.
@@ -179,14 +184,19 @@ class SwarmDHT:
         if found is None or not isinstance(found.value, dict):
             return {}
         records: dict[bytes, Record] = {}
+        now = get_dht_time()
         for subkey, item in found.value.items():
             try:
                 envelope, record_key, msg = open_record(
-                    item.value, run_id=None if directory else run_id, limits=self.record_limits, now=get_dht_time()
+                    item.value, run_id=None if directory else run_id, limits=self.record_limits, now=now
                 )
             except ProtocolError as error:
+                if isinstance(error, Expired):
+                    self._observe_clock_of(item.value, None if directory else run_id, now)
                 logger.debug("dropped a record under %s: %s: %s", name, type(error).__name__, error)
                 continue
+            if envelope.sender != self.public_key:
+                self.clock.observe(envelope.sender, envelope.timestamp, now)
             if record_key != key or subkey != envelope.sender:
                 continue
             if access is not None and not directory:
@@ -196,7 +206,20 @@ class SwarmDHT:
                     logger.debug("dropped a record under %s: %s", name, error)
                     continue
             records[envelope.sender] = Record(envelope.sender, envelope, msg, item.expiration_time)
+        warning = self.clock.warning(now)
+        if warning is not None:
+            logger.warning(warning)
         return records
+
+    def _observe_clock_of(self, value: bytes, run_id: bytes | None, now: float) -> None:
+        """A record refused for its time still tells, once its signature checks, the signer's clock."""
+        relaxed = dataclasses.replace(self.record_limits, max_age_s=math.inf, max_future_s=math.inf)
+        try:
+            envelope, _, _ = open_record(value, run_id=run_id, limits=relaxed, now=now)
+        except ProtocolError:
+            return
+        if envelope.sender != self.public_key:
+            self.clock.observe(envelope.sender, envelope.timestamp, now)
 
     async def close_p2p(self) -> None:
         """Close this process's connection to p2pd (call it on the loop that used ``p2p()``)."""
@@ -213,6 +236,9 @@ class SwarmDHT:
 def _explain_start_error(error: Exception) -> str:
     text = str(error)
     lowered = text.lower()
+    if "local time must be within" in lowered:  # hivemind's ping compares the peers' clocks at bootstrap
+        return (f"this node's clock differs from its peers' by more than hivemind allows ({text.splitlines()[0]}); "
+                "set the clock right (NTP) and start again")
     if "address already in use" in lowered:
         return f"the port is already in use ({text.splitlines()[0] if text else 'bind failed'}); pick another with --port"
     if "bootstrap" in lowered or "failed to connect" in lowered or "dial" in lowered:

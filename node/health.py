@@ -72,17 +72,24 @@ class Health:
 
 def write_health(data_dir: Path, health: Health) -> None:
     """Atomic replace: a HEALTHCHECK that reads mid-write sees the old record, never half a file."""
-    path = Path(data_dir) / HEALTH_FILENAME
-    tmp = path.with_name(f".{HEALTH_FILENAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(health.to_json(), sort_keys=True))
-    tmp.replace(path)
+    _replace_text(Path(data_dir) / HEALTH_FILENAME, json.dumps(health.to_json(), sort_keys=True))
 
 
 def write_maddrs(data_dir: Path, maddrs: list[str]) -> None:
-    path = Path(data_dir) / MADDRS_FILENAME
-    tmp = path.with_name(f".{MADDRS_FILENAME}.tmp{os.getpid()}")
-    tmp.write_text("".join(f"{maddr}\n" for maddr in maddrs))
-    tmp.replace(path)
+    _replace_text(Path(data_dir) / MADDRS_FILENAME, "".join(f"{maddr}\n" for maddr in maddrs))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``; when the write fails (a full
+    disk) the temporary file goes and ``path`` keeps its old contents. Not fsynced: these files are
+    rewritten every few seconds and are worth nothing after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_health(data_dir: Path) -> Health:

@@ -36,6 +36,8 @@ def setup_logging(log_format: str = "plain", level: str = "INFO") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
     root.setLevel(numeric)
+    # warnings (torch's, say) become log records too: in JSON format every line stays one record
+    logging.captureWarnings(True)
     # hivemind installs its own handler on its loggers; route its lines through ours instead.
     from hivemind.utils.logging import use_hivemind_log_handler
 

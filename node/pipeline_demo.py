@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -65,11 +67,14 @@ class FailureInjector:
         if not self.pending:
             return
         iteration = self.iteration()
+        # replica R: the R-th process (in start order) serving the stage that lived when this look
+        # began: failures due at once name the replicas as they were, and a stage's later failure
+        # kills the node that took it after an earlier one
+        alive = [p for p in self.procs if p.popen.poll() is None]
         while self.pending and self.pending[0].iteration <= iteration:
             failure = self.pending.pop(0)
-            # replica R: the R-th process (in start order) that serves the stage now or did when it died
-            serving = [p for p in self.procs if _role_stage(p.text()) == failure.stage]
-            if len(serving) <= failure.replica or serving[failure.replica].popen.poll() is not None:
+            serving = [p for p in alive if _role_stage(p.text()) == failure.stage]
+            if len(serving) <= failure.replica:
                 self.kills.append({"stage": failure.stage, "iteration": iteration, "node": None, "at": time.time(),
                                    "note": f"no replica {failure.replica} of stage {failure.stage} was running"})
                 continue
@@ -168,10 +173,16 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
     first = [r["losses"][0][2] for r in data]
     last = [r["losses"][-1][2] for r in data]
     times = [(r["losses"][-1][1] - r["losses"][0][1]) / max(1, len(r["losses"]) - 1) for r in data]
-    def agree(pick) -> bool:  # every stage's replicas report the same thing
-        return all(len({json.dumps(pick(r)) for r in reports if r["stage"] == s}) == 1 for s in range(stages))
+    def differing(pick) -> list[int]:  # stages whose replicas do not report the same thing
+        return [s for s in range(stages) if len({json.dumps(pick(r)) for r in reports if r["stage"] == s}) > 1]
 
-    identical = agree(lambda r: r["hashes"][-1] if r["hashes"] else None)  # the weights at the end
+    def agree(pick) -> bool:
+        return not differing(pick)
+
+    def at_end(r):  # (iteration, weights hash) at the end
+        return r["hashes"][-1] if r["hashes"] else None
+
+    identical = agree(at_end)
     return {
         "nodes": len(reports),
         "stages": stages,
@@ -179,6 +190,10 @@ def summarize_pipeline(reports: list[dict], stages: int) -> dict:
         "loss_start": sum(first) / len(first) if first else None,
         "loss_end": sum(last) / len(last) if last else None,
         "replicas_identical": identical,
+        # where they are not: each replica's last (iteration, weights hash), by process
+        "replicas_differ": {str(stage): {r.get("process", "?"): at_end(r) and [at_end(r)[0], at_end(r)[1][:16]]
+                                         for r in reports if r["stage"] == stage}
+                            for stage in differing(at_end)},
         "replicas_identical_every_iteration": agree(lambda r: r["hashes"]),
         "mean_iteration_s": round(sum(times) / len(times), 3) if times else None,
         "rerouted": sum(r["rerouted"] for r in reports),
@@ -208,10 +223,11 @@ QUICK = dict(nodes=5, stages=4, iterations=16, fail_at=3)
 DEMO_SPEC = dict(heartbeat_interval_s=0.5, heartbeat_ttl_s=4.0, move_after_s=600.0)  # a kill is noticed in ~4 s
 
 
-def status_page_url(peer: str) -> str | None:
-    """Hook for the status page (issue 8): start `swarmtrain status --serve PORT --initial-peers PEER`
-    beside the swarm and return its URL; the demo prints it while it runs. None: no status server yet."""
-    return None
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_demo(plan: DemoPlan, as_json: bool, timeout_s: float = 1800.0) -> dict:
@@ -247,18 +263,26 @@ def run_demo(plan: DemoPlan, as_json: bool, timeout_s: float = 1800.0) -> dict:
                 shown.add(losses[-1])
                 say("  " + losses[-1], flush=True)
 
+        # the first data node serves the run's status page (node/status_server.py) while the demo runs
+        status_port = free_port()
+
         def announce_status_page(peer: str) -> None:
-            url = status_page_url(peer)
-            if url is not None:
-                say(f"status page: {url}", flush=True)
+            say(f"status page (while the demo runs): http://127.0.0.1:{status_port}/", flush=True)
 
         checkpoints = ["--checkpoint-dir", str(workdir / "checkpoints")] if plan.recovery == "checkpoint" else []
+        extra = {i: list(checkpoints) for i in range(plan.nodes + plan.spares)}
+        extra[0] += ["--status-port", str(status_port)]
         reports, kills = run_pipeline_swarm(workdir, spec, plan.nodes, plan.stages, timeout_s,
                                             None if as_json else progress, spares=plan.spares,
                                             failures=plan.failures,
-                                            extra_args={i: checkpoints for i in range(plan.nodes + plan.spares)},
-                                            on_bootstrap=announce_status_page)
-    summary = summarize_pipeline([r for r in reports if r["stage"] is not None], plan.stages)
+                                            extra_args=extra, on_bootstrap=announce_status_page)
+        summary = summarize_pipeline([r for r in reports if r["stage"] is not None], plan.stages)
+        if not summary["replicas_identical"]:  # keep what explains it: the nodes' logs and reports
+            kept = Path.cwd() / f"swarmtrain-demo-logs-{time.strftime('%Y%m%d-%H%M%S')}"
+            kept.mkdir(parents=True, exist_ok=True)
+            for path in [*workdir.glob("*.log"), *workdir.glob("*.json")]:
+                shutil.copy2(path, kept / path.name)
+            summary["logs"] = str(kept)
     summary["seconds"] = round(time.monotonic() - started, 1)
     if plan.failures:
         summary["kills"] = [{k: v for k, v in kill.items() if k != "at"} for kill in kills]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import itertools
 import logging
 import os
 import signal
@@ -20,17 +20,21 @@ from node.swarm_adapter import HivemindSwarm
 from protocol.messages import NodeState, Role
 from protocol.runspec import RunSpec
 from trainer.data import batches, load_domain, split_domain
+from trainer.files import write_json
 from trainer.model import ModelConfig, build_stage, stage_block_ranges
 from trainer.pipeline.leader import SCHEDULE_RECORD, Leader, LeaderSettings
-from trainer.pipeline.runtime import PipelineReport, PipelineSettings, PipelineWorker
+from trainer.pipeline.guard import GuardSettings
+from trainer.pipeline.runtime import BANS_RECORD, PipelineReport, PipelineSettings, PipelineWorker, Tamper
 from trainer.recovery.jobs import (CLAIM_RECORD, RECOVERY_RECORD, claim_winner, jobs_from_record, moves_from_record,
                                    rollback_from_record)
 from trainer.recovery.rebuild import RecoveryError
-from trainer.recovery.restore import JobTaken
-from trainer.recovery.restore import restore
+from trainer.recovery.restore import JobTaken, RunOver, restore
 from trainer.swarm import SwarmCallError
 
-RECORD_NAMES = (SCHEDULE_RECORD, RECOVERY_RECORD, CLAIM_RECORD)
+RECORD_NAMES = (SCHEDULE_RECORD, RECOVERY_RECORD, CLAIM_RECORD, BANS_RECORD)
+BYZANTINE_FAULTS = ("nan-activations", "scale-activations", "garbage-gradients")
+SCALE_FAULT = 20.0  # scale-activations: outputs times this
+GARBAGE_FAULT = 100.0  # garbage-gradients: noise with this many times the true gradient's RMS
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,10 @@ def data_stream(spec: RunSpec, node_id: bytes):
 def parse_fault(fault: str | None) -> dict:
     """Testing only: ``kill-after-forwards-N`` makes a stage node SIGKILL itself on its (N+1)-th
     forward; ``kill-during-restore`` makes a node SIGKILL itself once it fetched the first state it
-    restores its stage from."""
+    restores its stage from. A Byzantine replica, from iteration K on (``-from-K``, default 0):
+    ``nan-activations`` (one NaN in every output), ``scale-activations`` (outputs x 20),
+    ``garbage-gradients`` (the gradients it passes back and its parameter gradients at the reduce
+    replaced by noise of 100 x their RMS)."""
     if not fault:
         return {}
     prefix = "kill-after-forwards-"
@@ -65,7 +72,33 @@ def parse_fault(fault: str | None) -> dict:
         return {"die_after_forwards": int(fault[len(prefix):])}
     if fault == "kill-during-restore":
         return {"die_during_restore": True}
-    raise ValueError(f"unknown fault {fault!r}; known: {prefix}N, kill-during-restore")
+    kind, _, start = fault.partition("-from-")
+    if kind in BYZANTINE_FAULTS and (start == "" or start.isdigit()) and not fault.endswith("-from-"):
+        return {"tamper": byzantine_tamper(kind, int(start or 0))}
+    raise ValueError(f"unknown fault {fault!r}; known: {prefix}N, kill-during-restore, "
+                     f"{', '.join(BYZANTINE_FAULTS)} (each optionally -from-K)")
+
+
+def byzantine_tamper(kind: str, start: int) -> Tamper:
+    """What a Byzantine replica sends instead of the truth (see parse_fault)."""
+    generator = torch.Generator().manual_seed(start)
+
+    def tamper(what: str, iteration: int, t: torch.Tensor) -> torch.Tensor:
+        if iteration < start:
+            return t
+        if kind == "nan-activations" and what == "x":
+            t = t.clone()
+            t.view(-1)[0] = float("nan")
+            return t
+        if kind == "scale-activations" and what == "x":
+            return t * SCALE_FAULT
+        if kind == "garbage-gradients" and what in ("grad", "param"):
+            rms = float(torch.sqrt(torch.mean(t.double() * t.double()))) if t.numel() else 0.0
+            noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            return (noise * (GARBAGE_FAULT * rms + 1e-3)).to(t.dtype)
+        return t
+
+    return tamper
 
 
 def _die() -> None:
@@ -222,21 +255,17 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0,
                "grad_norms": report.grad_norms, "first_iteration": report.first_iteration,
                "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log,
-               "rollbacks": report.rollbacks}
-        _write_json(report_path, out)
+               "rollbacks": report.rollbacks, "bans": report.bans, "excluded": report.excluded,
+               "refused": report.refused, "banned": report.banned,
+               "weights_finite": all(bool(torch.isfinite(t).all()) for t in worker.module.state_dict().values())}
+        write_json(report_path, out)
     stop.set()
 
 
 def _spare_report(node: Node, report_path: Path | None) -> None:
     """A spare that never served: it says so."""
     if report_path is not None:
-        _write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
-
-
-def _write_json(path: Path, body: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    tmp.replace(path)
+        write_json(report_path, {"node": node.id, "stage": None, "iterations": 0, "recoveries": []})
 
 
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
@@ -258,7 +287,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
                                 microbatch_size=pipe.microbatch_size)
     faults = parse_fault(fault) if first else {}
     die_during_restore = faults.pop("die_during_restore", False)
-    worker = PipelineWorker(swarm, stage, module, settings, data, **faults)
+    guard = GuardSettings(enabled=pipe.guard == "ban", factor=pipe.outlier_factor)
+    worker = PipelineWorker(swarm, stage, module, settings, data, guard=guard, **faults)
     cfg = ModelConfig.from_preset(spec.model.preset)
     leader = Leader(swarm, LeaderSettings(
         microbatches=pipe.microbatches, microbatch_size=pipe.microbatch_size, memory=pipe.memory,
@@ -266,6 +296,7 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         activation_bytes_per_sample=spec.model.seq_len * cfg.d_model * getattr(torch, pipe.activation_dtype).itemsize,
         period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s,
         checkpoint_root=checkpoint_dir if pipe.recovery == "checkpoint" else None), stage)
+    leader.excluded = worker.guard.bans
     if snapshots is not None:
         worker.snapshot_root, worker.snapshot_every = snapshots
     if pipe.recovery == "checkpoint":
@@ -279,16 +310,31 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
     announced = node.role is not None and node.role.stage == stage
     if first and announced:
         await _wait_for_start(node, worker, stop)
-    try:
-        record = await restore(worker, pipe.recovery, pipe.swap, keep_recovery_inputs,
-                               _die if die_during_restore else None, allow_replica=not as_spare,
-                               blockless_stages=_blockless_stages(spec))
-    except JobTaken as error:
-        logger.info("spare: %s", error)
-        return None
-    except RecoveryError as error:
-        logger.error("could not restore stage %d: %s; starting from the run's initial weights", stage, error)
-        record = None
+    record = None
+    for attempt in itertools.count():
+        try:
+            record = await restore(worker, pipe.recovery, pipe.swap, keep_recovery_inputs,
+                                   _die if die_during_restore else None, allow_replica=not as_spare,
+                                   blockless_stages=_blockless_stages(spec))
+            break
+        except JobTaken as error:
+            logger.info("spare: %s", error)
+            return None
+        except RunOver as error:
+            logger.warning("stage %d not restored: %s", stage, error)
+            stop.set()
+            return None if as_spare else (worker, leader, worker.report)
+        except RecoveryError as error:
+            # never start a stage of a run under way from its initial weights: the view may have
+            # missed the live replicas or neighbours for a moment (a slow DHT); look again
+            if attempt % 10 == 0:
+                logger.warning("could not restore stage %d yet (attempt %d): %s; trying again", stage, attempt + 1,
+                               error)
+            try:
+                await asyncio.wait_for(stop.wait(), node.timeouts.heartbeat_interval_s * 2)
+                return None if as_spare else (worker, leader, worker.report)
+            except TimeoutError:
+                pass
     if record is not None:
         record["lost_at"], record["claimed_at"] = job
         recoveries.append(record)
@@ -299,6 +345,10 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         await node.announce(NodeState.ONLINE)
         if record is not None:
             record["serving_at"] = time.time()
+            if record.get("lost_at"):  # the status page shows how a lost stage came back (node/swarm_report.py)
+                await node.report_event("recovery", f"stage {stage} restored by {record['method']} in "
+                                        f"{record['seconds']:.1f} s, serving "
+                                        f"{record['serving_at'] - record['lost_at']:.1f} s after it was lost")
     elif record is not None:
         record["serving_at"] = time.time()
 
@@ -336,7 +386,7 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
 async def _check_moves(swarm: HivemindSwarm, worker: PipelineWorker) -> None:
     """The leader may name this node to move into a lost stage (trainer/recovery/jobs.py)."""
     try:
-        peers = [p for p in await swarm.peers() if p.role in ("data", "stage")]
+        peers = [p for p in await swarm.peers() if p.role in ("data", "stage") and p.id not in worker.guard.bans]
         leader = min([p.id for p in peers] + [swarm.my_id])
         board = (await swarm.read(RECOVERY_RECORD)).get(leader)
     except (SwarmCallError, ValueError):

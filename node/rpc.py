@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from node.config import RateLimits, Timeouts
-from node.linkemu import LinkShaper
+from node.linkemu import LinkFaults, LinkShaper
 from node.ratelimit import RateLimiter
 from protocol.access import AccessPolicy
 from protocol.envelope import Envelope, Limits, ReplayGuard, Sequencer, open_envelope, seal
@@ -214,6 +214,7 @@ class RpcEndpoint:
         self._handlers: dict[str, Handler] = {}
         self.stats = RpcStats()
         self.shaper: LinkShaper | None = None  # link emulation for one-machine runs (node/linkemu.py)
+        self.faults: LinkFaults | None = None  # injected link faults for chaos tests (node/linkemu.py)
         self._my_peer_id = str(p2p.peer_id)
         self._active: dict[PeerID, int] = {}  # calls in flight per peer
         self._total_active = 0
@@ -226,7 +227,10 @@ class RpcEndpoint:
         await self.p2p.add_binary_stream_handler(PROTOCOL_NAME, self._serve)
 
     async def _hold(self, peer: PeerID, nbytes: int) -> None:
-        """Under link emulation, wait as long as the emulated link to ``peer`` takes for ``nbytes``."""
+        """Under link emulation, wait as long as the emulated link to ``peer`` takes for ``nbytes``;
+        injected link faults may drop the message or refuse the link instead (a ConnectionError)."""
+        if self.faults is not None:
+            await self.faults.before_send(str(peer))
         if self.shaper is not None:
             await self.shaper.hold(str(peer), _LENGTH_BYTES + nbytes)
 
@@ -256,6 +260,8 @@ class RpcEndpoint:
 
     async def _serve_one(self, peer: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if self.faults is not None and self.faults.refuses(str(peer)):
+                raise ConnectionRefusedError("the link faults file cuts the link to this peer")
             try:
                 envelope, method, args, tensors = await self._read_request(reader)
             except ProtocolError as error:

@@ -18,7 +18,7 @@ from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
 from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
 from node.health import Health, write_health
-from node.linkemu import LinkShaper, load_emulation
+from node.linkemu import LinkFaults, LinkShaper, load_emulation
 from node.membership import Member, derive_members, diff_events
 from node.roles import RoleChoice, choose_role, reconsider_stage
 from node.rpc import CallContext, Handler, RpcEndpoint
@@ -121,6 +121,7 @@ class Node:
             self.access.check(self.public_key, token, time.time())
         self.view = MembershipView()
         self.role: RoleChoice | None = None
+        self.expert: str | None = None  # mode experts: the job this node trains now
         self.state = NodeState.JOINING
         self.step = 0
         self.metrics: dict[str, float] = {}
@@ -138,6 +139,8 @@ class Node:
         self.has_worker = False
         self._health_warned = False
         self.emulation = load_emulation(config.emulate_links) if config.emulate_links else None
+        self.link_faults = LinkFaults(config.link_faults, config.public_name, self._public_name_of) \
+            if config.link_faults else None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -213,6 +216,9 @@ class Node:
             logger.info("link emulation: %s at %s, time x%g, bytes x%g", self.emulation.scenario.name,
                         self.rpc.shaper.my_location or "no location (not delayed)", self.emulation.time_scale,
                         self.emulation.bytes_scale)
+        if self.link_faults is not None:
+            self.rpc.faults = self.link_faults
+            logger.info("link faults from %s", self.link_faults.path)
         for method, handler in self.handlers.items():
             self.rpc.register(method, handler)
         await self.rpc.start()
@@ -275,7 +281,7 @@ class Node:
             public_name=self.config.public_name,
             role=self.role.role,
             stage=self.role.stage,
-            expert=None,
+            expert=self.expert,
             device=self.device,
             throughput=float(self.metrics.get("tokens_per_s", 0.0)),
             version=__version__,
@@ -448,6 +454,10 @@ async def read_events(swarm: SwarmDHT, run_id: bytes, access: AccessPolicy | Non
                 event = Event.from_body(item)
             except ProtocolError:
                 continue
-            # Several observers report the same death a few seconds apart: count it once.
-            seen.setdefault((event.event, event.subject, round(event.at / 30)), event)
+            seen.setdefault(event_identity(event), event)
     return sorted(seen.values(), key=lambda e: e.at)
+
+
+def event_identity(event: Event) -> tuple:
+    """Several observers report the same death a few seconds apart: one identity, counted once."""
+    return event.event, event.subject, round(event.at / 30)

@@ -84,26 +84,52 @@ def pretrain_base(path: Path, steps: int, preset: str = "tiny") -> float:
     return result.final_val_loss
 
 
-def write_spec(workdir: Path, base: Path, nodes: int, steps: int, **zo: object) -> Path:
-    """A signed zo run spec for a local swarm of ``nodes`` nodes."""
+def write_spec(workdir: Path, base: Path, nodes: int, steps: int, owner=None, preset: str = "tiny",
+               **zo: object) -> Path:
+    """A signed zo run spec for a local swarm of ``nodes`` nodes (``owner``: the signing key, a
+    new one by default; with the same owner and a fixed ``created``, two specs are one run id)."""
     from node.zo_node import build_replica
     from protocol.keys import generate_private_key
     from protocol.runspec import dumps_spec, make_spec
 
-    owner = generate_private_key()
-    draft = make_spec("zo", "tiny", owner, steps=steps)
+    owner = owner or generate_private_key()
+    draft = make_spec("zo", preset, owner, steps=steps)
     base_hash = build_replica(draft, str(base))[1].hex()
-    spec = make_spec("zo", "tiny", owner, name="zo-demo", steps=steps, min_nodes=nodes, base_hash=base_hash,
-                     step_timeout_s=5.0, hash_every=5, heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0, **zo)
+    settings = dict(name="zo-demo", steps=steps, min_nodes=nodes, base_hash=base_hash, step_timeout_s=5.0,
+                    hash_every=5, heartbeat_interval_s=1.0, heartbeat_ttl_s=6.0)
+    spec = make_spec("zo", preset, owner, **{**settings, **zo})
     path = workdir / "run.toml"
     path.write_text(dumps_spec(spec))
     return path
 
 
+def place_node_keys(workdir: Path, nodes: int, seed: int) -> list[bytes]:
+    """Identity keys derived from ``seed`` in node i's data dir (``workdir/node{i}``, as
+    run_local_swarm names them), so that runs compared with each other have the same nodes, hence
+    the same probe seeds and data; returns the node ids (public keys) in node order."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from node.identity import KEY_FILENAME, write_private_key
+    from protocol.keys import public_key_bytes
+
+    ids = []
+    for i in range(nodes):
+        raw = hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=32, person=b"swarmtrain/keys").digest()
+        key = Ed25519PrivateKey.from_private_bytes(raw)
+        folder = workdir / f"node{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_private_key(folder / KEY_FILENAME, key, overwrite=True)
+        ids.append(public_key_bytes(key))
+    return ids
+
+
 def run_local_swarm(workdir: Path, spec: Path, base: Path, nodes: int, timeout_s: float,
-                    progress=None, extra_args: dict[int, list[str]] | None = None) -> list[dict]:
-    """Start a bootstrap and ``nodes`` node processes (node i gets ``extra_args[i]`` too); wait for
-    their reports; always clean up."""
+                    progress=None, extra_args: dict[int, list[str]] | None = None,
+                    device: str = "cpu") -> list[dict]:
+    """Start a bootstrap and ``nodes`` node processes on ``device`` (node i gets ``extra_args[i]``
+    too); wait for their reports; always clean up."""
     procs: list[_Proc] = []
     try:
         boot = _start(workdir, "bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
@@ -113,7 +139,7 @@ def run_local_swarm(workdir: Path, spec: Path, base: Path, nodes: int, timeout_s
         for i in range(nodes):
             procs.append(_start(workdir, f"node{i}", [
                 "node", "--run", str(spec), "--data-dir", str(workdir / f"node{i}"), "--initial-peers", peer,
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--base-weights", str(base), "--device", "cpu",
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--base-weights", str(base), "--device", device,
                 "--zo-report", str(reports[i]), "--public-name", f"zo-{i}", *(extra_args or {}).get(i, [])]))
         deadline = time.monotonic() + timeout_s
         last_progress = time.monotonic()

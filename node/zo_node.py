@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,8 +13,10 @@ from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
 from protocol.runspec import RunSpec
 from trainer.data import batches, load_domain, split_domain
+from trainer.files import write_json
 from trainer.model import LM, ModelConfig
-from trainer.zo.quantize import LEVELS, SIGN
+from trainer.zo.attacks import parse_attack
+from trainer.zo.quantize import Quantizer
 from trainer.zo.replica import Replica
 from trainer.zo.spsa import Batch, ZOSettings
 from trainer.zo.worker import RECORD_NAMES, STEP_METRIC, ZOReport, ZOWorker
@@ -23,21 +24,24 @@ from trainer.zo.worker import RECORD_NAMES, STEP_METRIC, ZOReport, ZOWorker
 logger = logging.getLogger(__name__)
 
 VAL_BATCHES_PER_DOMAIN = 2
-FAULTS = ("max-scalar", "corrupt-at-STEP")
+FAULTS = ("max-scalar", "sign-flip", "alie", "alie-Z", "corrupt-at-STEP")
 
 
 class BaseWeightsError(ValueError):
     """Base weights that cannot be read or do not fit the run's model."""
 
 
-def build_replica(spec: RunSpec, base_weights: str = "") -> tuple[Replica, bytes]:
-    """The run's model at its base weights (a file, or the init from train.seed) and their hash."""
-    model = LM(ModelConfig.from_preset(spec.model.preset), seed=spec.train.seed)
+def build_replica(spec: RunSpec, base_weights: str = "", device: str = "cpu") -> tuple[Replica, bytes]:
+    """The run's model at its base weights (a file, or the init from train.seed) and their hash; the
+    weights and the master copy live on ``device`` (the init is drawn on the CPU, so every device
+    starts from the same bits)."""
+    model = LM(ModelConfig.from_preset(spec.model.preset), seed=spec.train.seed).to(device)
     replica = Replica(model, spec.zo.params)
     if base_weights:
         path = Path(base_weights)
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            # mmap: replicas on one machine share the file's pages instead of each holding a copy
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         except FileNotFoundError:
             raise BaseWeightsError(f"base weights file {path} does not exist") from None
         except IsADirectoryError:
@@ -58,8 +62,9 @@ def build_replica(spec: RunSpec, base_weights: str = "") -> tuple[Replica, bytes
     return replica, base_hash
 
 
-def node_data(spec: RunSpec, node_id: bytes) -> tuple[iter, list[Batch]]:
-    """This node's endless training batches (its own random windows) and the run's fixed validation batches."""
+def node_data(spec: RunSpec, node_id: bytes, device: str = "cpu") -> tuple[Iterator[Batch], list[Batch]]:
+    """This node's endless training batches (its own random windows) and the run's fixed validation
+    batches, on ``device``."""
     train, val = [], []
     for source in spec.data.domains:
         split = split_domain(load_domain(source), spec.data.val_fraction, seed=spec.train.seed)
@@ -67,17 +72,22 @@ def node_data(spec: RunSpec, node_id: bytes) -> tuple[iter, list[Batch]]:
         val_iter = batches(split.val, spec.train.batch_size, spec.model.seq_len, seed=spec.train.seed)
         val.extend(next(val_iter) for _ in range(VAL_BATCHES_PER_DOMAIN))
     data_seed = int.from_bytes(hashlib.blake2b(node_id, digest_size=8).digest(), "little") >> 1
-    return batches(torch.cat(train), spec.train.batch_size, spec.model.seq_len, seed=data_seed), val
+    stream = batches(torch.cat(train), spec.train.batch_size, spec.model.seq_len, seed=data_seed)
+    if device == "cpu":
+        return stream, val
+    return ((x.to(device), y.to(device)) for x, y in stream), [(x.to(device), y.to(device)) for x, y in val]
 
 
-def parse_fault(name: str | None, seed: int) -> dict:
-    """Testing only. ``max-scalar``: every byte sent is the largest magnitude with a random sign.
+def parse_fault(name: str | None, seed: int, quantizer: Quantizer | None = None) -> dict:
+    """Testing only. Byzantine scalars (trainer/zo/attacks.py): ``max-scalar`` (the largest
+    magnitude, random sign), ``sign-flip`` (-g), ``alie`` or ``alie-Z`` (a little is enough: Z
+    standard deviations of the previous commit's scalars against descent, Z = 1.5 by default).
     ``corrupt-at-STEP``: one committed weight changes silently at STEP."""
     if not name:
         return {}
-    if name == "max-scalar":
-        rng = random.Random(seed)
-        return {"tamper": lambda q: (SIGN if rng.random() < 0.5 else 0) | LEVELS}
+    attack = parse_attack(name, quantizer or Quantizer(), seed)
+    if attack is not None:
+        return {"tamper": attack}
     if name.startswith("corrupt-at-") and name[len("corrupt-at-"):].isdigit():
         return {"corrupt_at": int(name[len("corrupt-at-"):])}
     raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
@@ -89,8 +99,8 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
     spec = node.spec
     torch.set_num_threads(1)
     settings = ZOSettings.from_spec(spec)
-    replica, base_hash = await asyncio.to_thread(build_replica, spec, base_weights)
-    data, val = await asyncio.to_thread(node_data, spec, node.public_key)
+    replica, base_hash = await asyncio.to_thread(build_replica, spec, base_weights, node.device)
+    data, val = await asyncio.to_thread(node_data, spec, node.public_key, node.device)
     await node.online.wait()
     loop = asyncio.get_running_loop()
 
@@ -100,7 +110,8 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
     worker = ZOWorker(HivemindSwarm(node), node.key, node.run_id, settings, replica, data, val,
                       base_hash=base_hash, state_dir=Path(node.config.data_dir) / "zo" / node.run_id.hex(),
                       join=join, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
-                      publish_event=publish_event, **parse_fault(fault, int.from_bytes(node.public_key[:8], "little")))
+                      publish_event=publish_event,
+                      **parse_fault(fault, int.from_bytes(node.public_key[:8], "little"), settings.quantizer))
 
     async def track_step() -> None:
         while not stop.is_set():
@@ -108,6 +119,9 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
             node.metrics[STEP_METRIC] = float(worker.log.head_step)
             if worker.report.losses:
                 node.metrics["val_loss"] = worker.report.losses[-1][2]
+            done = worker.log.head_step - worker.report.start_step
+            if node.rpc is not None and done > 0:  # what the status page shows as bytes per step
+                node.metrics["bytes_per_step"] = node.rpc.stats.sent / done
             try:
                 await asyncio.wait_for(stop.wait(), node.timeouts.heartbeat_interval_s)
             except TimeoutError:
@@ -129,11 +143,10 @@ async def run_zo_worker(node: Node, stop: asyncio.Event, base_weights: str = "",
             "resyncs": report.resyncs, "committed": report.committed, "late": report.late,
             "seconds": report.seconds, "steps_applied": report.steps_applied,
             "rpc_sent": rpc.sent if rpc else 0, "rpc_received": rpc.received if rpc else 0,
+            "banned": report.banned, "banned_at": report.banned_at,
             "num_trained": replica.num_trained, "num_params": sum(p.numel() for p in replica.params.values()),
         }
-        tmp = report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(report_path)
+        write_json(report_path, out)
     stop.set()
     return report
 

@@ -25,6 +25,7 @@ ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 RECOVERIES = ("checkfree", "random", "checkpoint")
 ACCESS = ("public", "private")
 SWAPS = ("none", "checkfree_plus")
+GUARDS = ("ban", "off")
 MAX_STAGES = 1024
 MAX_DOMAINS = 64
 MAX_SPEC_CHARS = 1 << 16
@@ -81,12 +82,17 @@ class PipelineSection:
     # a lost stage (no live replica) is rebuilt by: checkfree (from its neighbours; with swap
     # checkfree_plus the edge stages copy their swap partners) or random (re-initialised: the baseline)
     recovery: str = "checkfree"
-    move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
+    move_after_s: float = 30.0  # a lost stage without a live claimant this long takes a node from the most replicated stage
     # recovery = "checkpoint" (the baseline): every node saves its stage every checkpoint_every
     # iterations to storage they share (swarmtrain node --checkpoint-dir); on a lost stage everyone
     # rolls back to the last complete checkpoint and waits restart_delay_s, as a restart would
     checkpoint_every: int = 10
     restart_delay_s: float = 10.0
+    # guard = "ban": every node checks the tensors peers hand it (non-finite values; RMS or norm
+    # outside outlier_factor x the running scale), refuses bad ones and bans their senders
+    # (trainer/pipeline/guard.py); "off" takes everything as sent (the baseline for comparisons)
+    guard: str = "ban"
+    outlier_factor: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -107,12 +113,46 @@ class ZoSection:
     g_min: float = 1e-3  # smallest non-zero level of the log scale
     aggregation: str = "mean"  # mean, trimmed or clip (robust options against malicious scalars)
     trim_fraction: float = 0.25  # trimmed: drop this fraction of the smallest and of the largest scalars
-    clip_factor: float = 3.0  # clip: radius = clip_factor x median absolute deviation around the median
+    clip_factor: float = 3.0  # clip radius (and outlier threshold) = clip_factor x the median |scalar|
+    # with trimmed or clip, a node with ban_after outlier scalars in the last ban_window commits is
+    # banned: left out of every later commit (0 = never ban)
+    ban_window: int = 10
+    ban_after: int = 6
     min_nodes: int = 1  # the first step waits until this many nodes are live
     step_timeout_s: float = 10.0  # the committer closes a step this long after opening it
     hash_every: int = 10  # steps between published weight hashes
     snapshot_every: int = 100  # steps between local snapshots (restart and join points)
     base_hash: str = ""  # hex blake2b-256 of the base weights; "" = initialise from train.seed
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert job of mode experts: its data, model shape and training length."""
+
+    domain: str = ""  # a data.domains entry; "*" (the dense model) trains on all of them
+    preset: str = "tiny"  # the base shape; d_model and n_layers override its width and depth
+    d_model: int = 0  # 0: the preset's (heads keep the preset's head size, the MLP its ratio)
+    n_layers: int = 0  # 0: the preset's
+    steps: int = 100
+    lr: float = 3e-3
+
+
+@dataclass(frozen=True)
+class ExpertsSection:
+    """Mode experts (HDEE); docs/experts.md explains each value. `swarmtrain ensemble plan` fills it in."""
+
+    heterogeneous: list[ExpertSpec] = field(default_factory=list)  # one per domain, in data.domains order
+    homogeneous: list[ExpertSpec] = field(default_factory=list)  # the baseline of the same total compute
+    dense: list[ExpertSpec] = field(default_factory=list)  # [] or one model on all domains, same total compute
+    budget: int = 0  # total compute of each ensemble: the sum of parameters x steps of its experts
+    heterogeneity: str = "both"  # what the allocation varied by difficulty: sizes, steps or both
+    difficulty: list[float] = field(default_factory=list)  # per domain: what judged it (see difficulty_source)
+    difficulty_source: str = ""  # "seed": the seed model's loss; "zlib": compressed bits per byte
+    seed_steps: int = 0  # steps of the shared seed model trained (on all domains) before the plan; 0 = none
+    checkpoint_every: int = 20  # steps per round: a checkpoint, and the group's average when several train it
+    lease_s: float = 30.0  # a job claim expires this long after its last renewal
+    replicas: int = 2  # nodes besides its trainer that keep a copy of each job's latest checkpoint
+    prior_fraction: float = 0.05  # chunks held out (from training) to estimate the ensemble's prior
 
 
 @dataclass(frozen=True)
@@ -130,6 +170,7 @@ class RunSpec:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     swarm: SwarmSection = field(default_factory=SwarmSection)
     zo: ZoSection = field(default_factory=ZoSection)
+    experts: ExpertsSection = field(default_factory=ExpertsSection)
     owner: OwnerSection = field(default_factory=OwnerSection)
 
 
@@ -141,8 +182,11 @@ SECTIONS: dict[str, type] = {
     "pipeline": PipelineSection,
     "swarm": SwarmSection,
     "zo": ZoSection,
+    "experts": ExpertsSection,
     "owner": OwnerSection,
 }
+# tables that may appear as arrays of tables ([[experts.heterogeneous]])
+TABLE_TYPES: dict[str, type] = {"ExpertSpec": ExpertSpec}
 
 
 def _type_name(value: Any) -> str:
@@ -165,6 +209,8 @@ def _coerce(path: str, annotation: str, value: Any) -> Any:
         return value
     if annotation.startswith("list[") and type(value) is list:
         inner = annotation[5:annotation.index("]")]
+        if inner in TABLE_TYPES:
+            return [_section(f"{path}[{i}]", TABLE_TYPES[inner], item) for i, item in enumerate(value)]
         return [_coerce(f"{path}[{i}]", inner, item) for i, item in enumerate(value)]
     expected = annotation.replace(" | None", "")
     raise InvalidSpec(f"{path}: expected {expected}, got {_type_name(value)} {value!r:.40}")
@@ -207,7 +253,7 @@ def _is_hex(text: str, nbytes: int) -> bool:
 
 def check_spec(spec: RunSpec) -> None:
     """Range and consistency checks; raises InvalidSpec naming the key."""
-    run, model, data, train, pipe, swarm, zo, owner = (getattr(spec, name) for name in SECTIONS)
+    run, model, data, train, pipe, swarm, zo, experts, owner = (getattr(spec, name) for name in SECTIONS)
     _require(0 < len(run.name) <= 64 and run.name.isprintable(), "run.name: 1..64 printable characters")
     _require(run.mode in MODES, f"run.mode: {run.mode!r} is not one of {', '.join(MODES)}")
     _require(run.access in ACCESS, f"run.access: {run.access!r} is not one of {', '.join(ACCESS)}")
@@ -247,6 +293,8 @@ def check_spec(spec: RunSpec) -> None:
     _require(0 <= pipe.move_after_s <= 86400, "pipeline.move_after_s: must be in 0..86400")
     _require(1 <= pipe.checkpoint_every <= 10**6, "pipeline.checkpoint_every: must be in 1..1000000")
     _require(0 <= pipe.restart_delay_s <= 3600, "pipeline.restart_delay_s: must be in 0..3600")
+    _require(pipe.guard in GUARDS, f"pipeline.guard: {pipe.guard!r} is not one of {', '.join(GUARDS)}")
+    _require(1.0 < pipe.outlier_factor <= 1e6, "pipeline.outlier_factor: must be in (1, 1000000]")
     _require(swarm.heartbeat_interval_s > 0, "swarm.heartbeat_interval_s: must be > 0")
     _require(swarm.heartbeat_ttl_s > swarm.heartbeat_interval_s, "swarm.heartbeat_ttl_s: must exceed heartbeat_interval_s")
     _require(
@@ -255,6 +303,7 @@ def check_spec(spec: RunSpec) -> None:
         "records live at most 3600 s)",
     )
     _check_zo(zo)
+    _check_experts(experts, data)
     _require(owner.public_key == "" or _is_hex(owner.public_key, PUBLIC_KEY_BYTES), "owner.public_key: 64 hex digits")
     _require(owner.signature == "" or _is_hex(owner.signature, SIGNATURE_BYTES), "owner.signature: 128 hex digits")
 
@@ -277,11 +326,55 @@ def _check_zo(zo: ZoSection) -> None:
              f"zo.aggregation: {zo.aggregation!r} is not one of {', '.join(ZO_AGGREGATIONS)}")
     _require(0.0 <= zo.trim_fraction < 0.5, "zo.trim_fraction: must be in [0, 0.5)")
     _require(zo.clip_factor > 0.0, "zo.clip_factor: must be > 0")
+    _require(1 <= zo.ban_window <= 10_000, "zo.ban_window: must be in 1..10000")
+    _require(0 <= zo.ban_after <= zo.ban_window * zo.probes,
+             "zo.ban_after: must be in 0..zo.ban_window x zo.probes (0 = never ban)")
     _require(1 <= zo.min_nodes <= 4096, "zo.min_nodes: must be in 1..4096")
     _require(0.0 < zo.step_timeout_s <= 3600.0, "zo.step_timeout_s: must be in (0, 3600]")
     _require(zo.hash_every >= 1, "zo.hash_every: must be >= 1")
     _require(zo.snapshot_every >= 1, "zo.snapshot_every: must be >= 1")
     _require(zo.base_hash == "" or _is_hex(zo.base_hash, 32), "zo.base_hash: 64 hex digits or empty")
+
+
+HETEROGENEITY = ("sizes", "steps", "both")
+DIFFICULTY_SOURCES = ("", "seed", "zlib")
+DENSE_DOMAIN = "*"
+
+
+def _check_expert(path: str, expert: ExpertSpec) -> None:
+    _require(0 < len(expert.preset) <= 64, f"{path}.preset: 1..64 characters")
+    _require(0 <= expert.d_model <= 1 << 16, f"{path}.d_model: must be in 0..65536 (0: the preset's)")
+    _require(0 <= expert.n_layers <= 1024, f"{path}.n_layers: must be in 0..1024 (0: the preset's)")
+    _require(1 <= expert.steps <= 10**9, f"{path}.steps: must be in 1..1000000000")
+    _require(0.0 < expert.lr < 1e3, f"{path}.lr: must be > 0")
+
+
+def _check_experts(experts: ExpertsSection, data: DataSection) -> None:
+    for name in ("heterogeneous", "homogeneous"):
+        entries = getattr(experts, name)
+        _require(not entries or [e.domain for e in entries] == data.domains,
+                 f"experts.{name}: needs one entry per data.domains entry, in the same order")
+        for i, expert in enumerate(entries):
+            _check_expert(f"experts.{name}[{i}]", expert)
+    _require(len(experts.dense) <= 1, "experts.dense: at most one entry")
+    for expert in experts.dense:
+        _require(expert.domain == DENSE_DOMAIN, f'experts.dense[0].domain: must be "{DENSE_DOMAIN}" (all domains)')
+        _check_expert("experts.dense[0]", expert)
+    _require(0 <= experts.budget < 1 << 62, "experts.budget: must be in 0..2**62")
+    _require(experts.heterogeneity in HETEROGENEITY,
+             f"experts.heterogeneity: {experts.heterogeneity!r} is not one of {', '.join(HETEROGENEITY)}")
+    _require(not experts.difficulty or len(experts.difficulty) == len(data.domains),
+             "experts.difficulty: one value per data.domains entry (or none)")
+    _require(all(0.0 <= d < 1e6 for d in experts.difficulty), "experts.difficulty: values must be >= 0")
+    _require(experts.difficulty_source in DIFFICULTY_SOURCES,
+             f"experts.difficulty_source: {experts.difficulty_source!r} is not one of seed, zlib or empty")
+    _require(0 <= experts.seed_steps <= 10**9, "experts.seed_steps: must be in 0..1000000000")
+    _require(1 <= experts.checkpoint_every <= 10**6, "experts.checkpoint_every: must be in 1..1000000")
+    _require(0.0 < experts.lease_s <= 3600.0, "experts.lease_s: must be in (0, 3600]")
+    _require(0 <= experts.replicas <= 16, "experts.replicas: must be in 0..16")
+    _require(0.0 < experts.prior_fraction < 0.5, "experts.prior_fraction: must be in (0, 0.5)")
+    _require(data.val_fraction + experts.prior_fraction < 0.9,
+             "experts.prior_fraction: with data.val_fraction it must leave at least 10% of the data for training")
 
 
 def spec_to_dict(spec: RunSpec, *, sort: bool = False) -> dict:
@@ -290,6 +383,8 @@ def spec_to_dict(spec: RunSpec, *, sort: bool = False) -> dict:
     def clean(obj: Any) -> Any:
         if isinstance(obj, dict):
             return {key: clean(obj[key]) for key in (sorted(obj) if sort else obj) if obj[key] is not None}
+        if isinstance(obj, list):
+            return [clean(item) for item in obj]
         return obj
 
     return clean(dataclasses.asdict(spec))

@@ -4,7 +4,9 @@ contribution  envelope kind "zo.contrib", body {"step": t, "sample": j, "q": byt
               node whose seed hash(run, t, node, j) made the perturbation.
 commit        envelope kind "zo.commit", body {"step": t, "prev": H(commit t-1), "contribs": [...]}:
               the committer's ordered choice of contribution envelopes (verbatim, so nobody can
-              forge a peer's scalar), chained to the previous commit by its hash.
+              forge a peer's scalar), chained to the previous commit by its hash; and, once the
+              run has banned nodes (trainer/zo/bans.py), "banned": [node ids, sorted], every node
+              banned so far, whose contributions the commit therefore leaves out.
 
 H(commit) is blake2b-256 of the commit's envelope bytes; the chain of step 0 starts from
 GENESIS. Records in logs are opened without an age limit: a log is replayed long after signing.
@@ -26,8 +28,13 @@ GENESIS = bytes(HASH_BYTES)
 MAX_STEP = (1 << 63) - 1
 MAX_SAMPLES = 64  # per node per step (runspec MAX_ZO_PROBES)
 MAX_CONTRIBS = 4096  # per commit
-CONTRIB_LIMITS = Limits(max_bytes=512, max_age_s=math.inf)
-COMMIT_LIMITS = Limits(max_bytes=MAX_CONTRIBS * 512 + 4096, max_age_s=math.inf)
+MAX_BANNED = 1024  # node ids a commit may list as banned
+# Contributions and commits are chained history, bound to their step: their own timestamps are not
+# what keeps them fresh, in either direction (the RPC envelope that carries one is time-checked). A
+# node whose clock was ahead for a while must still be able to read its own log and commit what it
+# accepted then, once its clock is right again.
+CONTRIB_LIMITS = Limits(max_bytes=512, max_age_s=math.inf, max_future_s=math.inf)
+COMMIT_LIMITS = Limits(max_bytes=MAX_CONTRIBS * 512 + 4096, max_age_s=math.inf, max_future_s=math.inf)
 
 
 class CommitError(ProtocolError):
@@ -50,6 +57,7 @@ class Commit:
     prev: bytes
     contributions: tuple[Contribution, ...]
     raw: bytes
+    banned: tuple[bytes, ...] = ()  # nodes banned as of this commit (none of them contributes to it)
 
     @property
     def hash(self) -> bytes:
@@ -78,11 +86,14 @@ def open_contribution(raw: bytes, run_id: bytes) -> Contribution:
     return Contribution(envelope.sender, step, sample, q, raw)
 
 
-def seal_commit(key, run_id: bytes, step: int, prev: bytes, contributions: list[Contribution]) -> bytes:
+def seal_commit(key, run_id: bytes, step: int, prev: bytes, contributions: list[Contribution],
+                banned: tuple[bytes, ...] = ()) -> bytes:
     if len(contributions) > MAX_CONTRIBS:
         raise MalformedMessage(f"a commit holds at most {MAX_CONTRIBS} contributions")
     body = {"step": step, "prev": wire.require_bytes(prev, "prev", length=HASH_BYTES),
             "contribs": [c.raw for c in contributions]}
+    if banned:  # left out when empty: the commits of a run without bans are what they always were
+        body["banned"] = _banned_list(list(banned))
     return seal(key, kind=COMMIT_KIND, run_id=run_id, body=body, seq=step, limits=COMMIT_LIMITS)
 
 
@@ -91,9 +102,11 @@ def open_commit(raw: bytes, run_id: bytes, max_samples: int = MAX_SAMPLES) -> Co
     ``sample < max_samples``). Chain and signer are the log's business (trainer.zo.log)."""
     envelope = open_envelope(wire.require_bytes(raw, "commit"), COMMIT_KIND,
                              COMMIT_LIMITS, run_id=run_id)
-    body = _exact(envelope, ("step", "prev", "contribs"))
+    body = _exact(envelope, ("step", "prev", "contribs", "banned") if "banned" in envelope.body
+                  else ("step", "prev", "contribs"))
     step = wire.require_int(body["step"], "step", 0, MAX_STEP)
     prev = wire.require_bytes(body["prev"], "prev", length=HASH_BYTES)
+    banned = tuple(_banned_list(body["banned"])) if "banned" in body else ()
     raws = wire.require_type(body["contribs"], list, "contribs")
     if len(raws) > MAX_CONTRIBS:
         raise MalformedMessage(f"a commit holds at most {MAX_CONTRIBS} contributions, got {len(raws)}")
@@ -107,9 +120,22 @@ def open_commit(raw: bytes, run_id: bytes, max_samples: int = MAX_SAMPLES) -> Co
             raise CommitError(f"contribution sample {c.sample} is outside the run's {max_samples} probes")
         if (c.sender, c.sample) in seen:
             raise CommitError(f"commit of step {step} carries a duplicate contribution")
+        if c.sender in banned:
+            raise CommitError(f"commit of step {step} carries a contribution of a node it lists as banned")
         seen.add((c.sender, c.sample))
         contributions.append(c)
-    return Commit(envelope.sender, step, prev, tuple(contributions), raw)
+    return Commit(envelope.sender, step, prev, tuple(contributions), raw, banned)
+
+
+def _banned_list(raw: object) -> list[bytes]:
+    """Node ids, strictly increasing (so one set has one encoding), at most MAX_BANNED."""
+    items = wire.require_type(raw, list, "banned")
+    if not 0 < len(items) <= MAX_BANNED:
+        raise MalformedMessage(f"banned must list 1..{MAX_BANNED} node ids")
+    ids = [wire.require_bytes(item, "banned node", length=32) for item in items]
+    if any(a >= b for a, b in zip(ids, ids[1:])):
+        raise MalformedMessage("banned node ids must be sorted and distinct")
+    return ids
 
 
 def _exact(envelope: Envelope, names: tuple[str, ...]) -> dict:

@@ -21,7 +21,7 @@ from node import __version__
 from node.config import Timeouts
 from node.dht import SwarmDHT
 from node.identity import write_private_key
-from node.rpc import PROTOCOL_NAME, REPLY_KIND, REQUEST_KIND, RemoteError, RpcEndpoint
+from node.rpc import PROTOCOL_NAME, REPLY_KIND, REQUEST_KIND, RemoteError, RpcEndpoint, RpcError
 from node.runner import HEARTBEATS, NODES
 from protocol.access import AccessPolicy, issue_token, token_to_text
 from protocol.envelope import Limits, open_envelope, seal
@@ -100,9 +100,19 @@ def swarm(tmp_path_factory):
 
 
 def _refusal(env, endpoint: RpcEndpoint, method: str, args: dict | None = None) -> str:
-    with pytest.raises(RemoteError) as info:
-        env["run"](endpoint.call(env["peer"], method, args or {}))
-    return str(info.value)
+    """The server's refusal of one call. A call whose stream broke off before any reply (the server's
+    3 s read deadline runs out when the 2-core machine stalls it; seen once in CI) is sent again, at
+    most twice: what is asserted is the refusal, and a broken stream is not one."""
+    for attempt in range(3):
+        try:
+            env["run"](endpoint.call(env["peer"], method, args or {}))
+        except RemoteError as error:
+            return str(error)
+        except RpcError:
+            if attempt == 2:
+                raise
+        else:
+            pytest.fail(f"{method} was served, not refused")
 
 
 def test_no_handler_serves_a_node_without_a_valid_token(swarm):
@@ -206,7 +216,10 @@ def _closed_after(env, reader, writer, trickle: bytes) -> float:
 
         sender = asyncio.create_task(dribble())
         try:
-            await asyncio.wait_for(reader.read(), 30)  # EOF: the server closed its end
+            # EOF, or a broken pipe when a byte went out after the server closed its end
+            await asyncio.wait_for(reader.read(), 30)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         finally:
             sender.cancel()
             writer.close()

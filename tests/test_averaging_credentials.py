@@ -45,3 +45,33 @@ def test_a_round_with_an_outsider_is_discarded(private_run, case):
     gathered = {"12D3KooWa": a._join_envelope("L", 1.0), "12D3KooWx": envelope}
     with pytest.raises(AveragingError, match="not allowed"):
         a._check_group(gathered, "L")
+
+
+def test_a_failed_round_is_an_averaging_error_not_a_crash(private_run):
+    """hivemind's step raises AllreduceException when no group forms or a peer drops mid-round (a node
+    of the experts chaos run died of it); the node sees AveragingError and trains on."""
+    import asyncio
+    import contextlib
+
+    import torch
+    from hivemind.averaging.partition import AllreduceException
+
+    class FailingAverager:
+        def __init__(self):
+            self.buffers = [torch.zeros(3)]
+
+        @contextlib.contextmanager
+        def get_tensors(self):
+            yield self.buffers
+
+        def step(self, **kwargs):
+            raise AllreduceException("Averaging step failed: could not find a group")
+
+    node = private_run("peer-a")
+
+    async def averager(group, tensors, group_size):
+        return FailingAverager()
+
+    node._averager = averager
+    with pytest.raises(AveragingError, match="AllreduceException: Averaging step failed"):
+        asyncio.run(node.average("ex-0", {"w": torch.ones(3)}, 1.0))

@@ -51,14 +51,25 @@ class Descendants:
                         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     except OSError:
                         continue
-                    self.seen.setdefault((pid, starts[pid]), cmdline)
+                    if cmdline or (pid, starts[pid]) not in self.seen:
+                        # a process read between its fork and its exec shows its parent's command
+                        # line, or none: the latest one read is the one it runs
+                        self.seen[(pid, starts[pid])] = cmdline
             self._stop.wait(0.2)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
 
-    def alive(self) -> list[str]:
+    def alive(self, grace_s: float = 10.0) -> list[str]:
+        """The processes seen that still run after ``grace_s``: torch's shared-memory manager, for
+        one, leaves on its own a moment after its last client died."""
+        deadline = time.monotonic() + grace_s
+        while (found := self._alive()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return found
+
+    def _alive(self) -> list[str]:
         found = []
         for (pid, start), cmdline in self.seen.items():
             fields = _stat(pid)

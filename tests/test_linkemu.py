@@ -73,3 +73,85 @@ def test_load_errors_are_config_errors(tmp_path):
         load_emulation(tmp_path / "bad.json")
     (tmp_path / "ok.json").write_text(json.dumps({"scenario": "skippipe_gcp20", "locations": {"x": "Canada"}}))
     assert load_emulation(tmp_path / "ok.json").locations == {"x": "Canada"}
+
+
+# ---- link faults (chaos tests) -----------------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+from node.linkemu import LinkDropped, LinkFaults, LinkRefused, fault_rules_from_dict  # noqa: E402
+
+
+def faults_file(tmp_path, body) -> "Path":
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+NAMES = {"peer-a": "a", "peer-b": "b", "peer-c": "c"}
+
+
+def test_a_partition_cuts_links_between_groups_only(tmp_path):
+    path = faults_file(tmp_path, {"partition": [["a", "b"]]})
+    a = LinkFaults(path, "a", NAMES.get)
+    c = LinkFaults(path, "c", NAMES.get)
+    assert not a.refuses("peer-b") and a.refuses("peer-c")  # c is in the group of the unlisted
+    assert c.refuses("peer-a") and not c.refuses("peer-unknown")
+    with pytest.raises(LinkRefused):
+        asyncio.run(a.before_send("peer-c"))
+
+
+def test_the_file_is_reread_when_it_changes_and_a_bad_rewrite_keeps_the_rules(tmp_path):
+    path = faults_file(tmp_path, {})
+    a = LinkFaults(path, "a", NAMES.get)
+    assert not a.refuses("peer-b")
+    path.write_text(json.dumps({"partition": [["a"]], "seed": 1}))
+    assert a.refuses("peer-b")
+    path.write_text("{not json")
+    assert a.refuses("peer-b")  # the previous rules stay
+    path.unlink()  # no file: healed
+    assert not a.refuses("peer-b")
+
+
+def test_drops_follow_the_seeded_probability_and_delays_are_waited(tmp_path):
+    path = faults_file(tmp_path, {"seed": 5, "nodes": {"a": {"drop": 0.3}, "b": {"delay_s": 0.05, "jitter_s": 0.02}}})
+
+    async def send(faults, n):
+        dropped = 0
+        for _ in range(n):
+            try:
+                await faults.before_send("peer-c")
+            except LinkDropped:
+                dropped += 1
+        return dropped
+
+    a = LinkFaults(path, "a", NAMES.get)
+    dropped = asyncio.run(send(a, 1000))
+    assert 240 < dropped < 360 and a.dropped == dropped
+    assert asyncio.run(send(LinkFaults(path, "a", NAMES.get), 1000)) == dropped  # the same seed, the same drops
+    b = LinkFaults(path, "b", NAMES.get)
+    began = asyncio.run(_timed(b))
+    assert 0.05 * 5 <= began < 0.07 * 5 + 0.5 and asyncio.run(send(b, 50)) == 0
+
+
+async def _timed(faults) -> float:
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    for _ in range(5):
+        await faults.before_send("peer-c")
+    return loop.time() - t
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"drop": 1.5}, "drop must be a number in"),
+    ({"nodes": {"a": {"delay_s": -1}}}, "delay_s must be a number"),
+    ({"partition": [["a"], ["a", "b"]]}, "more than one partition group"),
+    ({"partition": "a"}, "partition must be a list"),
+    ({"seed": "x"}, "seed must be an integer"),
+    ({"nodes": {"a": {"lag": 1}}}, "unknown field"),
+])
+def test_bad_fault_files_are_refused_at_start(tmp_path, body, message):
+    with pytest.raises(LinkEmulationError, match=message):
+        fault_rules_from_dict(body)
+    with pytest.raises(ConfigError, match=message):
+        LinkFaults(faults_file(tmp_path, body), "a", NAMES.get)

@@ -11,7 +11,7 @@ from node.pipeline_node import stage_module
 from protocol.keys import generate_private_key
 from protocol.runspec import make_spec
 from trainer.pipeline.leader import Leader, LeaderSettings
-from trainer.pipeline.runtime import (PipelineError, PipelineSettings, PipelineWorker, fetch_state,
+from trainer.pipeline.runtime import (STATE_SNAPSHOTS, PipelineError, PipelineSettings, PipelineWorker, fetch_state,
                                       weights_hash)
 from trainer.pipeline.simulator import simulate
 from trainer.pipeline.state import StateTransferError
@@ -35,6 +35,9 @@ class FakeSwarm:
 
     async def peers(self, *, fresh=False, **_):
         return list(self.live)
+
+    async def read(self, name):
+        return {}
 
     async def call(self, peer, method, args=None, tensors=None, *, even_if_dead=False):
         self.calls.append((peer, method, args, tensors, even_if_dead))
@@ -87,23 +90,73 @@ def test_state_travels_in_parts_and_loads_identically():
     assert weights and all(name.startswith("w/") for name in weights)
 
 
-def test_a_step_between_parts_fetches_again():
-    a = worker(0)
-    a.state_part_bytes = 64 << 10
-    train_once(a)
-    calls = []
+def test_a_node_that_steps_between_every_fetch_s_parts_still_gives_one_moment():
+    a = trained_in_parts()
+    calls, at_part0 = [], []
 
     async def call(args):
         calls.append(args["part"])
         result = await a._on_state(b"\x02" * 32, args, {})
+        if args["part"] == 0:
+            at_part0.append(a.full_state())
+            train_once(a)  # the node steps after every part 0 it answers
+        return result
+
+    iteration, state, *_ = asyncio.run(fetch_state(call))
+    # the first round (the node as it is now) was thrown away at its step; the second read the
+    # later parts of the version its part 0 came from
+    assert calls.count(0) == 2 and len(calls) > 3
+    moment = at_part0[1]
+    assert set(state) == set(moment) and all(torch.equal(state[n], moment[n]) for n in moment)
+    now = a.full_state()
+    assert any(not torch.equal(now[n], moment[n]) for n in now)  # while the node itself moved on
+
+
+def trained_in_parts():
+    """A worker that stepped once and serves its state in parts of 64 KiB (several per state)."""
+    a = worker(0)
+    a.state_part_bytes = 64 << 10
+    train_once(a)
+    return a
+
+
+def test_a_node_that_does_not_step_gives_its_state_in_one_round():
+    a = trained_in_parts()
+    calls = []
+
+    async def call(args):
+        calls.append(args)
+        return await a._on_state(b"\x02" * 32, args, {})
+
+    _, state, *_ = asyncio.run(fetch_state(call))
+    assert [c["part"] for c in calls].count(0) == 1 and not any("version" in c for c in calls)
+    now = a.full_state()
+    assert all(torch.equal(state[n], now[n]) for n in now)
+
+
+def test_a_fetch_whose_version_was_dropped_begins_again():
+    a = trained_in_parts()
+    calls = []
+
+    async def call(args):
+        # as the RPC does: the handler's refusal reaches the caller as a failed call
+        calls.append(args["part"])
+        try:
+            result = await a._on_state(b"\x02" * 32, args, {})
+        except PipelineError as error:
+            raise SwarmCallError(f"pp.state failed: {error}") from None
         if len(calls) == 1:
-            train_once(a)  # the node steps after answering part 0
+            for _ in range(STATE_SNAPSHOTS):  # new snapshots push the first one out
+                train_once(a)
+                await a._on_state(b"\x03" * 32, {"part": 0}, {})
         return result
 
     _, state, *_ = asyncio.run(fetch_state(call))
-    assert calls[0] == 0 and calls.count(0) == 2  # the first round was thrown away
+    assert calls.count(0) == 2  # the first round was refused part-way and thrown away
     now = a.full_state()
     assert all(torch.equal(state[n], now[n]) for n in now)
+    with pytest.raises(PipelineError, match="is no longer held"):
+        asyncio.run(a._on_state(b"\x02" * 32, {"part": 1, "version": 0}, {}))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -113,9 +166,7 @@ def test_a_step_between_parts_fetches_again():
     ("extra", "one uint8 'safetensors' tensor"),
 ])
 def test_damaged_state_is_refused_before_anything_loads(damage, message):
-    a = worker(0)
-    a.state_part_bytes = 64 << 10
-    train_once(a)
+    a = trained_in_parts()
 
     async def call(args):
         result, tensors = await a._on_state(b"\x02" * 32, args, {})

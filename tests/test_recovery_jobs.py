@@ -80,6 +80,8 @@ class BoardSwarm:
         self.view = peers
         self.records: dict[str, dict[bytes, dict]] = {}
         self.events: list[tuple[str, str]] = []
+        self.reads: dict[str, int] = {}
+        self.misses: dict[str, int] = {}  # name -> reads of it still to miss
 
     def serve(self, method, handler):
         pass
@@ -92,19 +94,29 @@ class BoardSwarm:
         return True
 
     async def read(self, name):
+        self.reads[name] = self.reads.get(name, 0) + 1
+        if self.misses.get(name):  # a DHT read that misses every record of the name
+            self.misses[name] -= 1
+            return {}
         return dict(self.records.get(name, {}))
 
     async def report_event(self, event, detail):
         self.events.append((event, detail))
 
 
-def test_the_leader_posts_lost_stages_and_moves_a_node_when_nobody_claims_one():
+def _board_leader(move_after_s: float) -> tuple[list[Peer], BoardSwarm, Leader]:
+    """A data node leading stage 1's two replicas and stage 2's one, over a BoardSwarm."""
     peers = [Peer(A, "data", 0, None, "ONLINE"), Peer(B, "stage", 1, None, "ONLINE"),
              Peer(C, "stage", 1, None, "ONLINE"), Peer(D, "stage", 2, None, "ONLINE")]
     swarm = BoardSwarm(A, peers)
     leader = Leader(swarm, LeaderSettings(microbatches=2, microbatch_size=2, memory=2, path_length=3, num_stages=3,
-                                          layers_per_stage=1, activation_bytes_per_sample=64, move_after_s=0.0,
-                                          plan_seconds=0.2, plan_evaluations=5), 0)
+                                          layers_per_stage=1, activation_bytes_per_sample=64,
+                                          move_after_s=move_after_s, plan_seconds=0.2, plan_evaluations=5), 0)
+    return peers, swarm, leader
+
+
+def test_the_leader_posts_lost_stages_and_moves_a_node_when_nobody_claims_one():
+    peers, swarm, leader = _board_leader(move_after_s=0.0)
     swarm.view = peers[:3]  # stage 2's only node is gone
     asyncio.run(leader.tick())
     assert swarm.events == [("stage_lost", "stage 2 has no live replica")]
@@ -117,9 +129,34 @@ def test_the_leader_posts_lost_stages_and_moves_a_node_when_nobody_claims_one():
     swarm.records[CLAIM_RECORD] = {E: {"stage": 2, "until": 1e12}}
     asyncio.run(leader.tick())
     assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+    # a read that misses the claim is not enough to move a node: it is read again first
+    swarm.misses[CLAIM_RECORD], before = 1, swarm.reads[CLAIM_RECORD]
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {} and swarm.reads[CLAIM_RECORD] == before + 2
     # the stage is back: a recovery event, and the board is cleared
     swarm.view = [*peers[:3], Peer(E, "stage", 2, None, "ONLINE")]
     leader._measure = lambda live: asyncio.sleep(0)  # no probes in-process: the planner takes default links
     asyncio.run(leader.tick())
     assert swarm.events[-1][0] == "recovery" and "stage 2 is served again" in swarm.events[-1][1]
     assert jobs_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+
+
+def test_a_claimant_that_seems_dead_for_a_moment_keeps_its_job_for_move_after_s(monkeypatch):
+    """Under load a restoring spare's heartbeats lapsed for 7 s; the leader ignored its claim at once
+    and moved a data node into the stage the spare was rebuilding."""
+    clock = [1000.0]
+    monkeypatch.setattr("trainer.pipeline.leader.time.time", lambda: clock[0])
+    peers, swarm, leader = _board_leader(move_after_s=4.0)
+    swarm.view = [*peers[:3], Peer(E, "spare", None, None, "ONLINE")]  # stage 2's only node is gone
+    swarm.records[CLAIM_RECORD] = {E: {"stage": 2, "until": 1e12}}
+    asyncio.run(leader.tick())
+    clock[0] += 10.0  # long after the loss, the claimant is live: no move
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+    swarm.view = peers[:3]  # the claimant's heartbeats lapse
+    clock[0] += 3.0
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+    clock[0] += 1.5  # move_after_s without a live claimant: the job goes to a mover
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {C: 2}

@@ -40,7 +40,7 @@ def losses_of(report: dict) -> list[float]:
 @pytest.mark.timeout(420)
 def test_a_lost_middle_stage_is_rebuilt_from_its_neighbours_by_a_spare(tmp_path):
     """4 stages of one block, one node each, and a spare; stage 2's only node is killed at iteration 3."""
-    iterations = 80
+    iterations = 40
     spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="none", blocks_per_stage=[1, 1, 1, 1],
                                path_length=4, move_after_s=600.0, **FAST)
     keep = tmp_path / "inputs"
@@ -83,12 +83,12 @@ def test_a_lost_middle_stage_is_rebuilt_from_its_neighbours_by_a_spare(tmp_path)
 @pytest.mark.timeout(480)
 def test_checkfree_plus_edge_stages_are_copied_from_their_swap_partners(tmp_path):
     """Swaps on: stage 1 is killed, later stage 3 (= S-1); spares copy stage 2 into each."""
-    iterations = 120
+    iterations = 60
     spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="checkfree_plus", blocks_per_stage=[1, 1, 1, 1],
                                path_length=4, move_after_s=600.0, **FAST)
     keep = {4: tmp_path / "in4", 5: tmp_path / "in5"}
     reports, kills = run_pipeline_swarm(tmp_path, spec, 4, 4, 420, spares=2,
-                                        failures=[Failure(3, 1), Failure(50, 3)],
+                                        failures=[Failure(3, 1), Failure(25, 3)],
                                         extra_args={i: ["--keep-recovery-inputs", str(d)] for i, d in keep.items()})
     assert sorted(k["node"] for k in kills) == ["node1", "node3"]
     nodes = by_process(reports)
@@ -111,7 +111,7 @@ def test_a_newcomer_copies_the_surviving_replica_and_joins_the_least_replicated_
     """3 stages: two data nodes, two replicas of stage 1, one of stage 2. One stage-1 replica is
     killed; a node started afterwards with --role auto takes stage 1 (now the fewest replicas,
     lowest index) and copies the survivor's weights and optimizer state."""
-    iterations = 80
+    iterations = 45
     spec = write_pipeline_spec(tmp_path, 3, iterations, 5, swap="none", move_after_s=600.0, **FAST)
     reports, kills = run_pipeline_swarm(tmp_path, spec, 5, 3, 360, failures=[Failure(3, 1, 0)],
                                         joins=[(12, ["--role", "auto"])])
@@ -134,7 +134,7 @@ def test_two_quick_failures_and_a_failure_during_recovery_end_with_every_stage_s
     """4 stages; stages 1 and 2 are killed at the same iteration; of the two spares one dies in the
     middle of its restore. Nobody is left to claim that stage, so the leader moves a node from the
     most replicated stage (a second data node) there."""
-    iterations = 160
+    iterations = 80
     spec = write_pipeline_spec(tmp_path, 4, iterations, 5, swap="none", blocks_per_stage=[1, 1, 1, 1],
                                path_length=4, move_after_s=4.0, **FAST)
     reports, kills = run_pipeline_swarm(tmp_path, spec, 5, 4, 500, spares=2,
@@ -157,7 +157,7 @@ def test_two_quick_failures_and_a_failure_during_recovery_end_with_every_stage_s
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(620)
 def test_demo_fail_reports_each_recovery(tmp_path):
     """The demo's 6 nodes hold every stage twice: both stage-1 nodes are killed, the spare rebuilds it
     from its swap partner (3 stages, CheckFree+), and the summary says how and how fast."""
@@ -165,16 +165,16 @@ def test_demo_fail_reports_each_recovery(tmp_path):
 
     from tests.harness import SWARMTRAIN, child_env
 
-    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "70", "--stages", "3", "--json",
+    done = subprocess.run([*SWARMTRAIN, "demo", "--mode", "pipeline", "--iterations", "40", "--stages", "3", "--json",
                            "--fail", "stage=1@iter=4,stage=1@iter=4@replica=1"], cwd=tmp_path,
-                          env=child_env(), capture_output=True, text=True, timeout=380)
-    assert done.returncode == 0, done.stderr[-3000:]
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stderr[-3000:], done.stdout[-1500:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [k["stage"] for k in result["kills"]] == [1, 1] and all(k["node"] for k in result["kills"])
     [recovery] = result["recoveries"]
     assert recovery["stage"] == 1 and recovery["method"] == "swap-copy"
     assert 0 < recovery["detection_s"] < recovery["mttr_s"] < 120
-    assert result["loss_end"] < result["loss_start"] and result["iterations"] == 70
+    assert result["loss_end"] < result["loss_start"] and result["iterations"] == 40
 
 
 def test_demo_fail_spec_errors_are_clear(tmp_path):
@@ -194,7 +194,7 @@ def test_demo_fail_spec_errors_are_clear(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_checkpoint_baseline_rolls_everyone_back_and_the_spare_loads_the_checkpoint(tmp_path):
-    iterations = 70
+    iterations = 40
     spec = write_pipeline_spec(tmp_path, 4, iterations, 4, swap="none", blocks_per_stage=[1, 1, 1, 1],
                                path_length=4, move_after_s=600.0, recovery="checkpoint", checkpoint_every=5,
                                restart_delay_s=1.0, **FAST)

@@ -9,13 +9,15 @@ when the live set changed, or measurements are older than ``remeasure_s``, it me
 It builds a scenario (one location per node), runs ``plan_schedule`` with the stage assignment the
 nodes already have, and publishes record ``pp.schedule``: {version, nodes: [ids], paths: {data
 node index: [[node index, ...] per microbatch]}}. Data nodes use the leader's paths while every
-node in them is live, and plan locally otherwise.
+node in them is live, and plan locally otherwise. Banned nodes (trainer/pipeline/guard.py) are
+neither planned nor leaders.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ class LeaderSettings:
     plan_evaluations: int = 300
     record_ttl_s: float = 120.0
     policy: str = "skip"  # skip: the scheduler; full or random_skip: the baselines, for comparisons
-    move_after_s: float = 30.0  # a lost stage nobody claimed by then takes a node from the most replicated stage
+    move_after_s: float = 30.0  # a lost stage without a live claimant this long takes a node from the most replicated stage
     checkpoint_root: Path | None = None  # the checkpoint baseline: a lost stage rolls everyone back
 
 
@@ -84,8 +86,10 @@ class Leader:
         self.published: list[dict] = []  # what this node published, for reports
         self.watch = StageWatch(settings.num_stages)
         self.moves: dict[bytes, int] = {}  # node -> the lost stage it was asked to move to
+        self._claim_seen: dict[int, float] = {}  # lost stage -> when a live claimant of it was last seen
         self.recovery_log: list[dict] = []  # lost and recovered stages this node saw while leading
         self.rollback: tuple[int, int] | None = None  # checkpoint baseline: (epoch, iteration) ordered last
+        self.excluded: Mapping[bytes, str] = {}  # banned nodes (the worker's guard): never planned, never leader
         swarm.serve("pp.probe", self._on_probe)
 
     async def _on_probe(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
@@ -116,7 +120,8 @@ class Leader:
                 pass
 
     async def tick(self) -> None:
-        peers = [p for p in await self.swarm.peers(fresh=True) if p.stage is not None and p.role in ("data", "stage")]
+        peers = [p for p in await self.swarm.peers(fresh=True)
+                 if p.stage is not None and p.role in ("data", "stage") and p.id not in self.excluded]
         live = tuple(sorted({p.id for p in peers} | {self.me}))
         leading = min(live) == self.me
         if leading != self.leading:
@@ -135,7 +140,8 @@ class Leader:
             return
         stage_of = {p.id: p.stage for p in peers}
         stage_of[self.me] = self.stage
-        await self._watch_stages(stage_of, {p.id for p in await self.swarm.peers()} | {self.me})
+        await self._watch_stages(stage_of, {p.id for p in await self.swarm.peers() if p.id not in self.excluded}
+                                 | {self.me})
         if self.watch.lost:
             return  # a stage without a replica: data nodes plan around it themselves
         stale = time.monotonic() - self._measured_at > self.settings.remeasure_s
@@ -191,15 +197,26 @@ class Leader:
             await self._event("recovery", f"stage {stage} is served again after {lost_s:.1f} s")
         self.moves = {node: stage for node, stage in self.moves.items()
                       if stage in self.watch.lost and node in stage_of}
+        self._claim_seen = {s: t for s, t in self._claim_seen.items() if s in self.watch.lost}
         if self.watch.lost:
-            try:
-                claims = await self.swarm.read(CLAIM_RECORD)
-            except (SwarmCallError, ValueError):
-                claims = {}
+            # a lost stage takes a node from elsewhere once it has gone move_after_s without a live
+            # claimant: since it was lost, or since its claimant was last seen alive (under load a
+            # restoring spare's heartbeats lapsed for 7 s, and the leader moved a data node into the
+            # stage the spare was rebuilding: the rebuild was done twice)
+            claims, read_again = await self._claims(), False
             for stage, lost_at in sorted(self.watch.lost.items()):
-                if (stage == 0 or stage in self.moves.values() or now - lost_at < self.settings.move_after_s
-                        or claim_winner(claims, stage, now, live) is not None):
+                if stage == 0 or stage in self.moves.values():
                     continue
+                if claim_winner(claims, stage, now, live) is not None:
+                    self._claim_seen[stage] = now
+                    continue
+                if now - max(lost_at, self._claim_seen.get(stage, lost_at)) < self.settings.move_after_s:
+                    continue
+                if not read_again:  # before moving a node, a second look: one DHT read can miss a claim
+                    claims, read_again = {**await self._claims(), **claims}, True
+                    if claim_winner(claims, stage, now, live) is not None:
+                        self._claim_seen[stage] = now
+                        continue
                 movable = {n: s for n, s in stage_of.items() if n not in self.moves}
                 choice = choose_mover(movable, self.settings.num_stages)
                 if choice is None:
@@ -216,6 +233,12 @@ class Leader:
             if self.rollback is not None:
                 body["rollback"] = list(self.rollback)
             await self.swarm.publish(RECOVERY_RECORD, body, max(4 * self.settings.period_s, 10.0))
+
+    async def _claims(self) -> dict:
+        try:
+            return await self.swarm.read(CLAIM_RECORD)
+        except (SwarmCallError, ValueError):
+            return {}
 
     async def _event(self, event: str, detail: str) -> None:
         try:

@@ -15,6 +15,10 @@ Iteration k:
    among its live replicas and those that took part in the last reduce) in a fixed order,
    weighted by microbatches processed; all apply the same averaged gradient and step. The reducer also compares weight hashes and sends its weights to a replica
    that differs, so the replicas of a stage hold identical weights after every iteration.
+4. Every tensor a peer hands a node is checked first (trainer/pipeline/guard.py): a bad one is
+   refused, or left out of the reduce, and its sender banned: the node publishes a ``banned``
+   event and its bans in record ``pp.bans``; every node adopts the bans of the others, leaves
+   banned nodes out of paths, schedules and reduces, and a node that finds itself banned stops.
 
 (hivemind's averager is not used for this step: it applies the average as a delta to each local
 tensor, so replicas end within rounding of each other instead of identical.)
@@ -24,20 +28,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from protocol.errors import ProtocolError
+from trainer.pipeline.guard import Guard, GuardSettings
 from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
-from trainer.pipeline.state import (STATE_PART_BYTES, encode_part, fetch_state, split_parts,  # noqa: F401 (re-exported)
-                                    state_digest)
+from trainer.pipeline.state import (STATE_PART_BYTES, VERSION_GONE, encode_part, fetch_state,  # noqa: F401 (re-exported)
+                                    split_parts, state_digest)
 from trainer.pipeline.snapshots import save_snapshot
 from trainer.recovery.checkpoint import load_checkpoint, save_checkpoint
 from trainer.swarm import Swarm, SwarmCallError
@@ -45,6 +52,9 @@ from trainer.swarm import Swarm, SwarmCallError
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Tamper = Callable[[str, int, torch.Tensor], torch.Tensor]  # (what, iteration, tensor) -> what is sent
+BANS_RECORD = "pp.bans"
+MAX_BANS = 128  # entries of one node's pp.bans record (a record holds 64 KiB)
 
 
 class PipelineError(ProtocolError):
@@ -97,11 +107,29 @@ class PipelineReport:
     moved_to: int | None = None  # the run's leader asked this node to serve another stage
     moved_lost_at: float | None = None  # when that stage was lost, by the leader's job board
     rollbacks: list[list] = field(default_factory=list)  # checkpoint baseline: [epoch, to iteration, unix time]
+    bans: list[list] = field(default_factory=list)  # [iteration, node hex, reason, "seen" or "adopted"]
+    excluded: list[list] = field(default_factory=list)  # reducers: [iteration, node hex, reason] left out
+    refused: int = 0  # tensors refused by the guard
+    banned: str | None = None  # why this node was banned, when it was
 
 
 MAX_PATH = 256  # hops of one path
 MAX_DATA_NODES = 1024  # data nodes whose progress a stage node tracks; past this the oldest entry goes
 REDUCE_AHEAD = 2  # a pp.reduce for an iteration further ahead than this cannot come from a replica in step
+STATE_SNAPSHOTS = 4  # pp.state snapshots held (weights only, or with the optimizer): the newest, and those fetches begun before a step read
+
+
+@dataclass
+class _StateSnapshot:
+    """What pp.state serves of one moment: the state, its parts and digest, and the iteration, lr
+    and gradient norm that belong with it."""
+
+    state: dict[str, torch.Tensor]
+    parts: list[list[str]]
+    digest: bytes
+    iteration: int
+    lr: float
+    grad_norm: float | None
 
 
 def weights_hash(module: torch.nn.Module) -> bytes:
@@ -114,9 +142,12 @@ def weights_hash(module: torch.nn.Module) -> bytes:
 
 class PipelineWorker:
     def __init__(self, swarm: Swarm, stage: int, module: torch.nn.Module, settings: PipelineSettings,
-                 data: Iterator[Batch] | None = None, die_after_forwards: int | None = None):
-        """``die_after_forwards``: a test hook; the process SIGKILLs itself when the next forward
-        arrives after that many, i.e. in the middle of an iteration with activations held."""
+                 data: Iterator[Batch] | None = None, die_after_forwards: int | None = None,
+                 guard: GuardSettings | None = None, tamper: Tamper | None = None):
+        """Test hooks: ``die_after_forwards``: the process SIGKILLs itself when the next forward
+        arrives after that many, i.e. in the middle of an iteration with activations held;
+        ``tamper(what, iteration, t)`` replaces what this node sends: its outputs ("x"), the
+        gradients it passes back ("grad") and its parameter gradients at the reduce ("param")."""
         self.swarm = swarm
         self.me = swarm.my_id
         self.stage = stage
@@ -124,6 +155,11 @@ class PipelineWorker:
         self.settings = settings
         self.data = data
         self.die_after_forwards = die_after_forwards
+        self.guard = Guard(guard or GuardSettings())
+        self.tamper = tamper
+        self._announced: list[bytes] = []  # bans this node decided, in order
+        self._bans_read_at = -math.inf
+        self._stage_of: dict[bytes, int] = {}
         self.device = next(module.parameters()).device
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.0)
         self.report = PipelineReport()
@@ -154,7 +190,10 @@ class PipelineWorker:
         self.skip_rollback_to: int | None = None  # restored from that checkpoint already
         self.snapshot_root: Path | None = None  # evaluation afterwards: weights every snapshot_every iterations
         self.snapshot_every = 5
-        self._state_cache: tuple[tuple[int, bool], tuple[dict, list[list[str]], bytes]] | None = None
+        # snapshots pp.state serves, by (version, weights_only): the newest and the one a fetch that
+        # began before the last step still reads (a big stage over a slow link takes longer than an
+        # iteration to move; its parts must all come from one moment)
+        self._state_snapshots: OrderedDict[tuple[int, bool], _StateSnapshot] = OrderedDict()
         self.state_part_bytes = STATE_PART_BYTES
         self._arrivals: dict[tuple, asyncio.Future] = {}  # data nodes: (k, mb, attempt, kind) -> what arrives
         self._tasks: set[asyncio.Task] = set()  # hand-overs running after their handler answered
@@ -166,20 +205,97 @@ class PipelineWorker:
     # ---- membership --------------------------------------------------------------------------
 
     async def _replicas(self, fresh: bool = False) -> dict[int, list[bytes]]:
+        """Live replicas by stage; banned nodes are no replicas."""
         by_stage: dict[int, list[bytes]] = {}
         for p in await self.swarm.peers(fresh=fresh):
             if p.stage is not None and p.role in ("data", "stage"):
-                by_stage.setdefault(p.stage, []).append(p.id)
+                self._stage_of[p.id] = p.stage
+                if p.id not in self.guard.bans:
+                    by_stage.setdefault(p.stage, []).append(p.id)
         by_stage.setdefault(self.stage, [])
         if self.me not in by_stage[self.stage]:
             by_stage[self.stage].append(self.me)
         return {s: sorted(ids) for s, ids in by_stage.items()}
+
+    # ---- the guard: bad tensors and bans ------------------------------------------------------
+
+    def _screen(self, sender: bytes, kind: str, t: torch.Tensor, k: int, path: tuple[int, ...] | None = None,
+                ident: tuple | None = None) -> None:
+        """Raise PipelineError when ``t`` from ``sender`` (iteration ``k``, through the stages ``path``
+        when known; ``ident``: which microbatch's, so that a retried delivery is one offence) fails
+        the guard (which may ban it)."""
+        if sender == self.me:
+            return
+        reason = self.guard.check(sender, self._stage_of.get(sender, -1), kind, t, k, path, ident)
+        self._announce_bans()
+        if reason is not None:
+            self.report.refused += 1
+            raise PipelineError(f"refused: {reason}")
+
+    def _announce_bans(self) -> None:
+        """Bans this node decided itself: a ``banned`` event each, and all of them in ``pp.bans``."""
+        new = [n for n in self.guard.bans if n not in self._announced and not self.guard.adopted(n)]
+        if not new:
+            return
+        self._announced.extend(new)
+        for node in new:
+            reason = self.guard.bans[node]
+            self.report.bans.append([self.iteration, node.hex(), reason, "seen"])
+            logger.warning("banned %s: %s", node.hex()[:16], reason)
+        mine = [[n, self.guard.bans[n][:160]] for n in self._announced][:MAX_BANS]
+
+        async def publish() -> None:
+            try:
+                for node in new:
+                    await self.swarm.report_event("banned", f"node {node.hex()} banned: {self.guard.bans[node]}")
+                await self.swarm.publish(BANS_RECORD, {"bans": mine}, ttl_s=max(120.0, self.settings.done_timeout_s))
+            except (SwarmCallError, ValueError, OSError) as error:
+                logger.warning("could not publish bans: %s", error)
+
+        self._background(publish())
+
+    async def _refresh_bans(self, force: bool = False) -> None:
+        """Adopt the bans other members published (read at most every ``retry_s``): the first of
+        each accuser's list, in the order it made them, unless the accuser is banned here. So f
+        malicious members can have at most f others excluded, each by an accusation on record."""
+        loop = asyncio.get_running_loop()
+        if not self.guard.settings.enabled or (not force and loop.time() - self._bans_read_at < self.settings.retry_s):
+            return
+        self._bans_read_at = loop.time()
+        try:
+            records = await self.swarm.read(BANS_RECORD)
+        except (SwarmCallError, ValueError) as error:
+            logger.info("could not read bans: %s", error)
+            return
+        believed = []  # decided on the bans as they were before this read: the order of records does not matter
+        for signer in sorted(records):
+            body = records[signer]
+            items = body.get("bans") if isinstance(body, dict) else None
+            if signer == self.me or signer in self.guard.bans or not isinstance(items, list):
+                continue
+            item = items[0] if items else None
+            if (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes) and len(item[0]) == 32
+                    and isinstance(item[1], str)):
+                believed.append((item[0], f"reported by {signer.hex()[:16]}: {item[1][:160]}"))
+        for node, reason in believed:
+            if self.guard.ban(node, reason, adopted=True):
+                self.report.bans.append([self.iteration, node.hex(), reason, "adopted"])
+                logger.warning("banned %s (%s)", node.hex()[:16], reason)
+                self._mates.discard(node)
+
+    def _sent(self, what: str, k: int, t: torch.Tensor) -> torch.Tensor:
+        return self.tamper(what, k, t) if self.tamper is not None else t
 
     # ---- main loop ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> PipelineReport:
         started = time.time()
         while not stop.is_set() and self.iteration < self.settings.iterations:
+            await self._refresh_bans()
+            if self.me in self.guard.bans:
+                self.report.banned = self.guard.bans[self.me]
+                logger.error("this node was banned from the run (%s); it stops serving", self.report.banned)
+                break
             if self.move_to is not None and self.move_to != self.stage:
                 self.report.moved_to = self.move_to
                 logger.info("leaving stage %d for stage %d after iteration %d", self.stage, self.move_to,
@@ -197,7 +313,7 @@ class PipelineWorker:
                 await self._drive(k)
             else:
                 await self._wait_done(k, stop)
-            if self._rollback_pending():  # the iteration is abandoned: everyone goes back
+            if self._rollback_pending() or self.me in self.guard.bans:  # the iteration is abandoned
                 continue
             reducing = time.time()
             await self._reduce_and_step(k)
@@ -367,6 +483,7 @@ class PipelineWorker:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         future.expected_shape = tuple(t.shape)  # what comes back has the shape of what went out
+        future.stages = tuple(stage for stage, _ in route)  # a gradient's: the stages its microbatch visited
         self._arrivals[(k, m, attempt, kind)] = future
         deadline = loop.time() + self.settings.arrival_timeout_s
         try:
@@ -376,13 +493,14 @@ class PipelineWorker:
                     return await asyncio.wait_for(asyncio.shield(future), min(self.settings.retry_s * 4,
                                                                              max(0.0, deadline - loop.time())))
                 except TimeoutError:
-                    # a node of the route that died holding the microbatch would never pass it on:
-                    # give up on this attempt as soon as the view says so, not at the deadline
+                    # a node of the route that died (or was banned) holding the microbatch would
+                    # never pass it on: give up on this attempt as soon as the view says so
+                    await self._refresh_bans()
                     live = {n for ids in (await self._replicas()).values() for n in ids}
                     gone = [n for _, n in route if n not in live]
                     if gone:
-                        logger.info("microbatch %d (%s): %s left the swarm; not waiting for it", m, kind,
-                                    gone[0].hex()[:12])
+                        logger.info("microbatch %d (%s): %s left the swarm or was banned; not waiting for it", m,
+                                    kind, gone[0].hex()[:12])
                         return None
             return None
         finally:
@@ -413,7 +531,7 @@ class PipelineWorker:
     async def _hand_over(self, stage: int, node: bytes, method: str, args: dict, tensors: dict) -> bytes | None:
         """Call ``method`` on ``node``, or on another live replica of its stage when it fails, with
         back-off between rounds; the node that took the call, or None."""
-        candidates = [node]
+        candidates = [node] if node not in self.guard.bans else (await self._replicas()).get(stage, [])
         for attempt in range(self.settings.hop_attempts):
             for candidate in candidates:
                 try:
@@ -481,6 +599,9 @@ class PipelineWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.done_timeout_s
         while not stop.is_set() and loop.time() < deadline and not self._rollback_pending():
+            await self._refresh_bans()
+            if self.me in self.guard.bans:
+                return
             data_nodes = set((await self._replicas()).get(0, []))
             if data_nodes and all(self._done_upto.get(d, -1) >= k for d in data_nodes):
                 return
@@ -493,7 +614,7 @@ class PipelineWorker:
                 for p in await self.swarm.peers():
                     if p.stage == 0 and p.metrics.get("iteration", 0) > k:
                         self._mark_done(p.id, k)
-        if not self._rollback_pending():
+        if not self._rollback_pending() and self.me not in self.guard.bans:
             logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
 
     def _mark_done(self, data_node: bytes, k: int) -> None:
@@ -551,6 +672,7 @@ class PipelineWorker:
         await self._at_iteration(origin, k)
         if key in self._cache:  # a retry after a lost answer: it was taken already
             return {}, {}
+        self._screen(sender, "x", x, k, ident=key)
         if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
             logger.warning("fault injection: SIGKILL in the middle of iteration %d", k)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -571,8 +693,8 @@ class PipelineWorker:
         self.report.microbatches += 1
         self._cache[key] = (x_in, y)
         self.report.served.append([k, origin.hex(), m])
-        self._background(self._pass_on(k, origin, m, attempt, route, self._wire(y), visited + [(self.stage, self.me)],
-                                       skipped, rerouted))
+        self._background(self._pass_on(k, origin, m, attempt, route, self._sent("x", k, self._wire(y)),
+                                       visited + [(self.stage, self.me)], skipped, rerouted))
         return {}, {}
 
     def _check_activation_shape(self, x: torch.Tensor) -> None:
@@ -595,6 +717,7 @@ class PipelineWorker:
         x_in, y = entry
         if not isinstance(grad, torch.Tensor) or grad.shape != y.shape or grad.dtype != self.settings.activation_dtype:
             raise PipelineError("grad must match the forward output's shape and the run's activation dtype")
+        self._screen(sender, "grad", grad, key[0], ident=key)
         del self._cache[key]
         self._slots.release()
         began = time.perf_counter()
@@ -602,7 +725,7 @@ class PipelineWorker:
         self.report.compute_s += time.perf_counter() - began
         self._count += 1
         k, origin, m, attempt = key
-        self._background(self._pass_back(k, origin, m, attempt, route, self._wire(x_in.grad)))
+        self._background(self._pass_back(k, origin, m, attempt, route, self._sent("grad", k, self._wire(x_in.grad))))
         return {}, {}
 
     async def _on_arrive(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
@@ -624,6 +747,9 @@ class PipelineWorker:
         if not result.get("lost") and (not isinstance(t, torch.Tensor) or t.dtype != self.settings.activation_dtype
                                        or tuple(t.shape) != future.expected_shape):
             raise PipelineError(f"t must be a {self.settings.activation_dtype} tensor of shape {future.expected_shape}")
+        if not result.get("lost"):
+            self._screen(sender, "x" if kind == "x" else "grad", t, k, future.stages if kind != "x" else None,
+                         ident=("arrive", k, m, attempt))
         future.set_result((result, t))
         return {}, {}
 
@@ -657,17 +783,20 @@ class PipelineWorker:
         for key in [key for key in self._cache if key[0] <= k]:
             del self._cache[key]
             self._slots.release()
+        await self._refresh_bans(force=True)
         while True:
             live = (await self._replicas(fresh=True)).get(self.stage, [self.me])
-            members = sorted(set(live) | self._mates)
+            members = sorted((set(live) | self._mates | {self.me}) - (set(self.guard.bans) - {self.me}))
             reducer = members[0]
             if reducer == self.me:
                 await self._reduce_as_reducer(k, members)
                 return
+            own = self._grads()
             try:
                 result, out = await self.swarm.call(reducer, "pp.reduce",
                                                     {"iteration": k, "count": self._count,
-                                                     "hash": weights_hash(self.module)}, self._grads(),
+                                                     "hash": weights_hash(self.module)},
+                                                    {n: self._sent("param", k, g) for n, g in own.items()},
                                                     even_if_dead=reducer not in live)
             except SwarmCallError as error:
                 if "already reduced" in str(error):  # we came too late: take the stage's weights instead
@@ -684,6 +813,8 @@ class PipelineWorker:
                 logger.warning("reduce at %s failed: %s; trying again", reducer.hex()[:12], error)
                 await asyncio.sleep(self.settings.retry_s)
                 continue
+            if not result.get("skip") and not self._reply_ok(reducer, out, own):
+                continue  # the reducer is banned now: the next replica reduces
             if result.get("skip"):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._count = 0
@@ -694,12 +825,30 @@ class PipelineWorker:
             self._mates = set(members) - {self.me}
             return
 
+    def _reply_ok(self, reducer: bytes, out: dict, own: dict[str, torch.Tensor]) -> bool:
+        """Whether the reducer's averaged gradient passes the guard (compared with our own); a
+        reducer whose does not is banned at once: its average would be every replica's step."""
+        names = {name for name, _ in self.module.named_parameters()}
+        if set(out) != names:
+            reason = "a reply to pp.reduce without this stage's gradients"
+        else:
+            reason = self.guard.check_gradients(self.stage, {reducer: (out, 1), self.me: (own, self._count)},
+                                                trusted=self.me).get(reducer)
+        if reason is None:
+            return True
+        self.guard.ban(reducer, f"its averaged gradient: {reason}")
+        self._announce_bans()
+        self.report.refused += 1
+        self._mates.discard(reducer)
+        return False
+
     async def _reduce_as_reducer(self, k: int, members: list[bytes]) -> None:
         """Wait for the replicas in ``members`` (those in the view plus the ones known from the
         last reduce); after a short grace, only for those still in a fresh view."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.reduce_timeout_s
-        mine = (self._grads(), self._count, weights_hash(self.module))
+        mine = ({n: self._sent("param", k, g) for n, g in self._grads().items()}, self._count,
+                weights_hash(self.module))
         while loop.time() < deadline:
             have = {sender for (it, sender) in self._reduce_inbox if it == k}
             if set(members) - {self.me} <= have:
@@ -712,6 +861,15 @@ class PipelineWorker:
         contributions = {self.me: mine}
         contributions.update({s: v for (it, s), v in self._reduce_inbox.items() if it == k})
         self._mates = (set(contributions) | set(members)) - {self.me}
+        excluded = self.guard.check_gradients(self.stage, {s: (g, c) for s, (g, c, _) in contributions.items()},
+                                              trusted=self.me)
+        self._announce_bans()
+        for node, reason in sorted(excluded.items()):
+            logger.warning("iteration %d: the gradients of %s are left out of the average: %s", k, node.hex()[:16],
+                           reason)
+            self.report.excluded.append([k, node.hex(), reason])
+            del contributions[node]
+        self._mates -= set(self.guard.bans)
         total = sum(count for _, count, _ in contributions.values())
         if total == 0:
             averaged = None
@@ -724,7 +882,7 @@ class PipelineWorker:
                 averaged[name] = acc / total
         future = self._reduce_result.setdefault(k, loop.create_future())
         if not future.done():
-            future.set_result((averaged, mine[2]))
+            future.set_result((averaged, mine[2], excluded))
         if averaged is None:
             self.optimizer.zero_grad(set_to_none=True)
             self._count = 0
@@ -746,15 +904,20 @@ class PipelineWorker:
             raise PipelineError(f"iteration {k} is too far ahead of this node's {self.iteration}")
         if sender not in self._mates and sender not in (await self._replicas()).get(self.stage, []):
             raise PipelineError(f"only replicas of stage {self.stage} reduce here")
+        if sender in self.guard.bans:
+            raise PipelineError(f"{sender.hex()[:16]} is banned: {self.guard.bans[sender]}")
         self._reduce_inbox[(k, sender)] = (tensors, count, digest)
         self._reduce_event.set()
         loop = asyncio.get_running_loop()
         future = self._reduce_result.setdefault(k, loop.create_future())
         self._reduce_calls += 1
         try:
-            averaged, reducer_hash = await asyncio.wait_for(asyncio.shield(future), self.settings.reduce_timeout_s * 2)
+            averaged, reducer_hash, excluded = await asyncio.wait_for(asyncio.shield(future),
+                                                                      self.settings.reduce_timeout_s * 2)
         finally:
             self._reduce_calls -= 1
+        if sender in excluded:
+            raise PipelineError(f"these gradients were left out of the stage's average: {excluded[sender]}")
         resync = digest != reducer_hash
         if averaged is None:
             return {"skip": True, "resync": resync}, {}
@@ -811,20 +974,26 @@ class PipelineWorker:
     async def _on_state(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         """One part of the state (``part``, default 0; ``weights_only`` leaves the optimizer out) as
         safetensors; see trainer/pipeline/state.py."""
-        part, weights_only = args.get("part", 0), args.get("weights_only", False)
-        if type(part) is not int or not isinstance(weights_only, bool):
-            raise PipelineError("pp.state takes an integer part and a boolean weights_only")
-        key = (self._version, weights_only)
-        if self._state_cache is None or self._state_cache[0] != key:
+        part, weights_only, version = args.get("part", 0), args.get("weights_only", False), args.get("version")
+        if type(part) is not int or not isinstance(weights_only, bool) or not (version is None or type(version) is int):
+            raise PipelineError("pp.state takes an integer part, a boolean weights_only and an integer version")
+        key = (self._version if version is None else version, weights_only)
+        snapshot = self._state_snapshots.get(key)
+        if snapshot is None:
+            if key[0] != self._version:
+                raise PipelineError(f"state version {key[0]} {VERSION_GONE} (now {self._version})")
             state = self.full_state(weights_only)
-            self._state_cache = (key, (state, split_parts(state, self.state_part_bytes), state_digest(state)))
-        state, parts, digest = self._state_cache[1]
-        if not 0 <= part < len(parts):
-            raise PipelineError(f"part must be in 0..{len(parts) - 1}")
-        sha, blob = encode_part(state, parts[part])
-        return ({"iteration": self.iteration, "version": self._version, "part": part, "parts": len(parts),
-                 "digest": digest, "sha256": sha, "lr": float(self.optimizer.param_groups[0]["lr"]),
-                 "grad_norm": self.grad_norm},
+            snapshot = _StateSnapshot(state, split_parts(state, self.state_part_bytes), state_digest(state),
+                                      self.iteration, float(self.optimizer.param_groups[0]["lr"]), self.grad_norm)
+            self._state_snapshots[key] = snapshot
+            while len(self._state_snapshots) > STATE_SNAPSHOTS:
+                self._state_snapshots.popitem(last=False)
+        self._state_snapshots.move_to_end(key)
+        if not 0 <= part < len(snapshot.parts):
+            raise PipelineError(f"part must be in 0..{len(snapshot.parts) - 1}")
+        sha, blob = encode_part(snapshot.state, snapshot.parts[part])
+        return ({"iteration": snapshot.iteration, "version": key[0], "part": part, "parts": len(snapshot.parts),
+                 "digest": snapshot.digest, "sha256": sha, "lr": snapshot.lr, "grad_norm": snapshot.grad_norm},
                 {"safetensors": blob})
 
     async def _resync(self, peer: bytes) -> None:

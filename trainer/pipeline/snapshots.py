@@ -4,13 +4,17 @@ each of the data node's snapshots (the stages that stepped that iteration; a los
 as the running pipeline skips it)."""
 from __future__ import annotations
 
-import os
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from trainer.files import save_safetensors
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"it(\d{8})-(\d+)\.safetensors")
 
@@ -23,14 +27,18 @@ class Snapshot:
     path: Path
 
 
-def save_snapshot(root: Path, stage: int, iteration: int, weights: dict[str, torch.Tensor], at: float) -> Path:
+def save_snapshot(root: Path, stage: int, iteration: int, weights: dict[str, torch.Tensor], at: float) -> Path | None:
     """Written atomically; the time is in the name, so an iteration trained twice (after a
-    checkpoint rollback) keeps both."""
+    checkpoint rollback) keeps both. A snapshot that cannot be written (a full disk) is skipped
+    with a warning and None: snapshots serve evaluation afterwards, training goes on without them."""
     path = Path(root) / f"stage{stage}" / f"it{iteration:08d}-{int(at * 1000)}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({n: t.detach().to("cpu").contiguous() for n, t in weights.items()}, str(tmp))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(path, weights)
+    except OSError as error:
+        logger.warning("weight snapshot of stage %d at iteration %d skipped: %s: %s", stage, iteration,
+                       error.strerror, error.filename)
+        return None
     return path
 
 

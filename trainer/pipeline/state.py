@@ -4,7 +4,9 @@
 STATE_PART_BYTES of them (a bigger tensor travels alone), sent as one uint8 tensor. Each answer
 carries the blob's SHA-256, the part count, the sender's state ``version`` (it changes whenever
 the state does) and a digest of the whole state, so the receiver can check every part, tell that
-the parts belong together and verify what it assembled before it loads anything.
+the parts belong together and verify what it assembled before it loads anything. The receiver asks
+for parts after the first by version: the sender answers them from a snapshot of that moment
+even after it stepped (a big stage over a slow link takes longer than an iteration to move).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from trainer.swarm import SwarmCallError
+
+VERSION_GONE = "is no longer held"  # in pp.state's refusal of a part of a version it dropped
 STATE_PART_BYTES = 64 << 20  # per pp.state answer; the RPC takes up to 512 MiB of tensors
 MAX_PARTS = 4096
 
@@ -78,10 +83,10 @@ def decode_part(result: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weights_only: bool = False,
                       attempts: int = 3) -> RemoteState:
-    """A node's state from its ``pp.state``, part by part; ``call(args)`` makes one call. Parts of
-    different versions (the node stepped in between) are fetched again; every part's hash and the
-    whole state's digest are checked."""
-    for _ in range(attempts):
+    """A node's state from its ``pp.state``, part by part; ``call(args)`` makes one call. When the
+    node steps in between, the fetch begins again and reads the later parts by version; every
+    part's hash and the whole state's digest are checked."""
+    for attempt in range(attempts):
         first, tensors = await call({"part": 0, "weights_only": weights_only})
         parts, version, iteration = first.get("parts"), first.get("version"), first.get("iteration")
         digest, lr = first.get("digest"), first.get("lr")
@@ -95,7 +100,17 @@ async def fetch_state(call: Callable[[dict], Awaitable[tuple[dict, dict]]], weig
             raise StateTransferError(f"pp.state answered with a bad gradient norm {norm!r}")
         state = decode_part(first, tensors)
         for part in range(1, parts):
-            result, more = await call({"part": part, "weights_only": weights_only})
+            # First the node's state as it is now (a replica that copies it wants the newest), then,
+            # if the node stepped meanwhile, the snapshot of the version part 0 came from: the node
+            # keeps it after it steps (trainer/pipeline/runtime.py), so a state that moves slower
+            # than the node steps still arrives whole
+            args = {"part": part, "weights_only": weights_only}
+            try:
+                result, more = await call(args if attempt == 0 else {**args, "version": version})
+            except SwarmCallError as error:
+                if VERSION_GONE in str(error):
+                    break  # it stepped more than once meanwhile: begin again
+                raise
             if result.get("version") != version or result.get("digest") != digest:
                 break
             more = decode_part(result, more)

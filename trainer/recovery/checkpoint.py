@@ -2,12 +2,16 @@
 share, and loaded back when a failure rolls the whole run back (docs/recovery.md)."""
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from trainer.files import save_safetensors
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -18,14 +22,19 @@ def checkpoint_path(root: Path, stage: int, iteration: int) -> Path:
     return Path(root) / f"stage{stage}" / f"it{iteration:08d}.safetensors"
 
 
-def save_checkpoint(root: Path, stage: int, iteration: int, state: dict[str, torch.Tensor], lr: float) -> Path:
+def save_checkpoint(root: Path, stage: int, iteration: int, state: dict[str, torch.Tensor], lr: float) -> Path | None:
     """The stage's state before ``iteration`` (weights and optimizer), written atomically; replicas
-    of a stage write the same bytes, so the last one to land is as good as the first."""
+    of a stage write the same bytes, so the last one to land is as good as the first. A checkpoint
+    that cannot be written (a full disk) is skipped with an error in the log and None: training
+    goes on, and a rollback takes the newest iteration that every stage has a checkpoint of."""
     path = checkpoint_path(root, stage, iteration)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({n: t.contiguous() for n, t in state.items()}, str(tmp), metadata={"lr": repr(float(lr))})
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(path, state, metadata={"lr": repr(float(lr))})
+    except OSError as error:
+        logger.error("checkpoint of stage %d at iteration %d not written: %s: %s", stage, iteration,
+                     error.strerror, error.filename)
+        return None
     return path
 
 

@@ -6,7 +6,9 @@ it. The committer is the signer of the last commit while it is live; when it is 
 picks the live node with the smallest id (deterministic failover). A new committer first adopts
 the longest valid log among live peers, so a commit the old one sent to only some nodes reaches
 the rest. Every ``hash_every`` steps nodes publish their weight hash; one that disagrees with the
-majority fetches a snapshot and publishes a ``resync`` event.
+majority fetches a snapshot and publishes a ``resync`` event. With a robust aggregation the
+committer bans nodes whose scalars are outliers again and again (trainer/zo/bans.py): later
+commits list them and leave their contributions out, and the committer publishes a ``banned`` event.
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ import torch
 
 from protocol import wire
 from protocol.errors import ProtocolError
-from protocol.zo import GENESIS, HASH_BYTES, Commit, CommitError, Contribution, open_contribution, seal_commit, \
-    seal_contribution
+from protocol.zo import GENESIS, HASH_BYTES, MAX_BANNED, Commit, CommitError, Contribution, open_contribution, \
+    seal_commit, seal_contribution
+from trainer.files import torch_save
 from trainer.swarm import Peer, Swarm, SwarmCallError
 from trainer.zo.aggregate import update_of
+from trainer.zo.bans import newly_banned
 from trainer.zo.log import CommitLog
 from trainer.zo.replica import Replica, ReplicaError
 from trainer.zo.seeds import probe_seed
@@ -40,6 +44,7 @@ LOG_PAGE_BYTES = 4 << 20
 HASH_HISTORY = 8
 STEP_METRIC = "zo_step"  # heartbeat metric: the node's head step
 MAX_PENDING_STEPS = 4  # steps ahead of ours whose contributions a committer buffers
+STALL_S = 1.5  # a committer whose wait loop stood still this much longer than it waits drops the step
 
 
 class ZOError(RuntimeError):
@@ -59,6 +64,8 @@ class ZOReport:
     committed: int = 0  # steps this node committed as committer
     late: int = 0  # own contributions a committer refused as late
     seconds: float = 0.0
+    banned: list[tuple[int, str]] = field(default_factory=list)  # (first step without it, node hex) per ban seen
+    banned_at: int | None = None  # the step from which this node itself is banned
 
 
 class ZOWorker:
@@ -78,11 +85,12 @@ class ZOWorker:
         eval_every: int = 10,
         retry_s: float = 0.5,
         bandwidth_bytes_s: float = 50e6,
-        tamper: Callable[[int], int] | None = None,
+        tamper: Callable[[int, Sequence[float]], int] | None = None,
         corrupt_at: int | None = None,
         publish_event: Callable[[str, str], None] | None = None,
     ):
-        """Fault hooks for tests: ``tamper(q)`` replaces every byte this node sends (a malicious node);
+        """Fault hooks for tests: ``tamper(q, others)`` replaces every byte this node sends (a malicious
+        node; ``others`` are the other nodes' scalars in the previous commit, trainer/zo/attacks.py);
         ``corrupt_at`` silently changes one committed weight at that step (a bad memory or GPU).
         ``publish_event(event, detail)`` reports resyncs and committer changes to the node."""
         if join not in ("auto", "replay", "snapshot"):
@@ -114,6 +122,7 @@ class ZOWorker:
         self._needs_sync = True  # a committer first adopts the longest log among live peers
         self._resync_from: bytes | None = None
         self._hash_task: asyncio.Task | None = None
+        self.run_over = False  # the run finished without this node (see _lead)
         self._my_hashes: dict[int, bytes] = {}
         for method, handler in (("zo.contribute", self._on_contribute), ("zo.commit", self._on_commit),
                                 ("zo.log", self._on_log), ("zo.status", self._on_status),
@@ -160,13 +169,16 @@ class ZOWorker:
             return None
 
     def _write_snapshot(self) -> None:
+        """The local snapshot only saves a replay on restart: one that cannot be written (a full
+        disk) is skipped with a warning, and the one on disk stays whole."""
         if self.state_dir is None:
             return
-        path = self.state_dir / "snapshot.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"run": self.run_id, "step": self.log.head_step, "head": self.log.head_hash,
-                    "weights": self.replica.state()}, tmp)
-        tmp.replace(path)
+        try:
+            torch_save(self.state_dir / "snapshot.pt", {"run": self.run_id, "step": self.log.head_step,
+                                                        "head": self.log.head_hash, "weights": self.replica.state()})
+        except OSError as error:
+            logger.warning("local snapshot at step %d not written: %s: %s", self.log.head_step, error.strerror,
+                           error.filename)
 
     # ---- applying commits --------------------------------------------------------------------
 
@@ -179,9 +191,17 @@ class ZOWorker:
     async def _apply(self, commit: Commit, then_report: bool = True) -> None:
         """Check the commit continues our log, apply it, append it; raises CommitError otherwise."""
         self.log.check_next(commit)
+        before = set(self.log.banned)
         async with self._lock:
             await asyncio.to_thread(self._apply_now, commit)
             self.log.append(commit)
+        for node in sorted(set(commit.banned) - before):
+            self.report.banned.append((commit.step, node.hex()))
+            if node == self.me:
+                self.report.banned_at = commit.step
+                logger.error("this node is banned from the run's commits from step %d on (its scalars were "
+                             "outliers again and again); it follows the commits but no longer contributes",
+                             commit.step)
         self.report.steps_applied += 1
         self._own.pop(commit.step, None)
         self._pending.pop(commit.step, None)
@@ -217,12 +237,14 @@ class ZOWorker:
         return last.committer if last is not None else self.log.base_committer
 
     async def committer(self, fresh: bool = False) -> bytes:
-        """The signer of our last commit while it is live, else the live node with the smallest id."""
-        live = {p.id for p in await self._live_peers(fresh)} | {self.me}
+        """The signer of our last commit while it is live, else the live node with the smallest id;
+        never a banned node (a committer that bans itself hands over)."""
+        banned = set(self.log.banned)
+        live = ({p.id for p in await self._live_peers(fresh)} | {self.me}) - banned
         last = self._last_committer()
         if last is not None and last in live:
             return last
-        return min(live)
+        return min(live) if live else min(banned)
 
     async def _live_peers(self, fresh: bool = False) -> list[Peer]:
         peers = await self.swarm.peers(role=ROLE, fresh=fresh)
@@ -238,7 +260,7 @@ class ZOWorker:
         if not self.report.losses or self.report.losses[-1][0] != self.log.head_step:
             await self._evaluate()
         last_committer: bytes | None = None
-        while not stop.is_set() and self.log.head_step < self.settings.steps:
+        while not stop.is_set() and self.log.head_step < self.settings.steps and not self.run_over:
             if self._resync_from is not None:
                 await self._resync(self._resync_from)
                 continue
@@ -277,21 +299,31 @@ class ZOWorker:
     async def _contributions(self, step: int) -> list[bytes]:
         """This node's signed bytes for ``step`` (computed once, on the committed weights of ``step``)."""
         if step not in self._own:
-            qs = await asyncio.to_thread(self._probe, step)
+            # A probe moves the replica's weights and puts them back: a commit applied meanwhile (one
+            # sealed without us, say after a partition) would be applied to moved weights, and this
+            # replica would part from the chain for good. So probes hold the weights' lock too.
+            async with self._lock:
+                if self.log.head_step != step:
+                    return []  # committed meanwhile: nothing to contribute to it any more
+                qs = await asyncio.to_thread(self._probe, step)
             self._own[step] = [seal_contribution(self.key, self.run_id, step, j, q) for j, q in enumerate(qs)]
         return self._own[step]
 
     def _probe(self, step: int) -> list[int]:
         qs = []
+        previous = self.log.get(step - 1)
+        others = [self.settings.quantizer.decode(c.q) for c in previous.contributions
+                  if c.sender != self.me] if previous is not None and self.tamper is not None else []
         for sample in range(self.settings.probes):
             seed = probe_seed(self.run_id, step, self.me, sample)
             q = quantized_probe(self.replica, next(self.data), seed, self.settings)
-            qs.append(self.tamper(q) if self.tamper is not None else q)
+            qs.append(self.tamper(q, others) if self.tamper is not None else q)
         return qs
 
     async def _follow(self, step: int, committer: bytes, stop: asyncio.Event) -> None:
-        contribs = await self._contributions(step)
-        if step not in self._inbox:
+        banned = self.me in self.log.banned
+        contribs = [] if banned else await self._contributions(step)
+        if step not in self._inbox and not banned and contribs:
             try:
                 result, _ = await self.swarm.call(committer, "zo.contribute", {"contribs": contribs})
                 self.report.late += int(result.get("late", 0)) if isinstance(result.get("late"), int) else 0
@@ -325,21 +357,53 @@ class ZOWorker:
         # peers' heartbeats say how far they are.
         if any(p.metrics.get(STEP_METRIC, 0.0) > step for p in await self._live_peers()):
             self._needs_sync = True
-        if self._needs_sync:
+        # Nodes that left cleanly were in step with the swarm to the end: past their last step the
+        # chain is theirs, and a node that restarts after they went must not commit a fork of it alone.
+        left = max((int(p.metrics.get(STEP_METRIC, 0.0)) for p in await self.swarm.peers(role=ROLE, live_only=False)
+                    if p.state == "LEAVING"), default=0)
+        if self._needs_sync or left > step:
             await self._adopt_longest_log()
             self._needs_sync = False
-            if self.log.head_step != step:
-                return
+            if self.log.head_step != step or self._resync_from is not None:
+                return  # caught up, or our log forked from a longer one: the main loop resyncs
+        if left > step:
+            if left >= self.settings.steps:
+                logger.error("the run ended at step %d while this node was at step %d, and the nodes that hold "
+                             "the rest have left: it cannot catch up", left, step)
+                self.run_over = True
+            else:
+                logger.warning("step %d: nodes that left were at step %d and no live node has those commits; "
+                               "not committing a fork", step, left)
+                await _wait(stop, self.retry_s * 4)
+            return
+        bans = self._bans_for(step)
+        banned = set(self.log.banned) | set(bans)
         pending = self._pending.setdefault(step, {})
-        for raw in await self._contributions(step):
+        # a committer whose own scalars got it banned still commits this step (without them); the
+        # next committer is another node
+        for raw in await self._contributions(step) if self.me not in banned else []:
             c = open_contribution(raw, self.run_id)
             pending[(c.sender, c.sample)] = c
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.step_timeout_s
         required = self._quorum(step)
+        tick = loop.time()
         while not stop.is_set():
-            live = self._awaited({p.id for p in await self._live_peers()} | {self.me})
-            senders = {sender for sender, _ in pending}
+            live = self._awaited({p.id for p in await self._live_peers()} | {self.me}) - banned
+            if loop.time() - tick > self.retry_s * 4 + STALL_S:
+                # This process stood still (frozen, or starved of CPU) for longer than its peers wait
+                # for a heartbeat: they may have failed over to another committer meanwhile, with the
+                # very contributions we hold. Sealing them now could fork the chain; drop them and
+                # look at the swarm afresh.
+                logger.warning("step %d: this node stood still for %.1f s while committing; dropping the "
+                               "step's %d contribution(s) and looking at the swarm afresh", step,
+                               loop.time() - tick, len(pending))
+                self._pending.pop(step, None)
+                await self.swarm.peers(role=ROLE, fresh=True)
+                self._needs_sync = True
+                return
+            tick = loop.time()
+            senders = {sender for sender, _ in pending if sender not in banned}
             if live <= senders and len(senders) >= required:
                 break
             remaining = deadline - loop.time()
@@ -358,12 +422,24 @@ class ZOWorker:
                 pass
         if stop.is_set() or self.log.head_step != step:
             return
-        chosen = [pending[k] for k in sorted(pending)]
-        commit = self.log.open(seal_commit(self.key, self.run_id, step, self.log.head_hash, chosen))
+        await self._seal(step, [pending[k] for k in sorted(pending) if k[0] not in banned], banned, bans)
+
+    async def _seal(self, step: int, chosen: list[Contribution], banned: set[bytes], bans: dict[bytes, str]) -> None:
+        commit = self.log.open(seal_commit(self.key, self.run_id, step, self.log.head_hash, chosen,
+                                           tuple(sorted(banned))))
         await self._apply(commit, then_report=False)
         self.report.committed += 1
+        for node, reason in bans.items():
+            logger.warning("step %d: banning zo node %s: %s", step, node.hex()[:16], reason)
+            self.publish_event("banned", f"zo node {node.hex()} banned from step {step} on: {reason}")
         await self._push(commit)
         await self._after_apply()
+
+    def _bans_for(self, step: int) -> dict[bytes, str]:
+        """Nodes the last commits ban from ``step`` on (trainer/zo/bans.py)."""
+        window = [c for c in (self.log.get(s) for s in range(step - self.settings.bans.window, step)) if c is not None]
+        return newly_banned(window, self.log.banned, self.settings.aggregation, self.settings.quantizer,
+                            self.settings.bans)
 
     def _quorum(self, step: int) -> int:
         """Contributors a commit needs: a majority of the previous commit's (``min_nodes`` for the
@@ -384,9 +460,9 @@ class ZOWorker:
         for; its bytes are still taken when they arrive in time."""
         recent = [self.log.get(self.log.head_step - i) for i in (1, 2)]
         if recent[0] is None:
-            return live
+            return live - set(self.log.banned)
         active = {c.sender for commit in recent if commit is not None for c in commit.contributions}
-        return (live & active) | {self.me}
+        return ((live & active) | {self.me}) - set(self.log.banned)
 
     async def _push(self, commit: Commit) -> None:
         peers = [p.id for p in await self._live_peers() if p.id != self.me]
@@ -490,15 +566,27 @@ class ZOWorker:
             for raw in raws:
                 try:
                     commit = self.log.open(raw)
-                    self._check_pulled_signer(commit, live)
                 except ProtocolError as error:
                     logger.warning("refused a commit from %s: %s", peer.hex()[:12], error)
                     return applied
                 if commit.step != self.log.head_step:
                     return applied
-                if commit.prev != self.log.head_hash:
+                if commit.prev != self.log.head_hash and len({c.sender for c in commit.contributions}) \
+                        >= self._quorum(commit.step):
+                    # A longer chain than ours that ours is not a prefix of: we (or the committer we
+                    # followed) committed a fork, say after standing still past the heartbeat TTL
+                    # while the others failed over. The signer rule below does not apply across a
+                    # fork: our last committer may be live, and be the one that forked.
                     logger.warning("our log forked from %s's at step %d", peer.hex()[:12], commit.step)
                     self._resync_from = peer
+                    return applied
+                if commit.prev != self.log.head_hash:
+                    logger.warning("refused a commit from %s: a fork without a quorum of contributions", peer.hex()[:12])
+                    return applied
+                try:
+                    self._check_pulled_signer(commit, live)
+                except ProtocolError as error:
+                    logger.warning("refused a commit from %s: %s", peer.hex()[:12], error)
                     return applied
                 await self._apply(commit)
                 applied = True
@@ -510,13 +598,23 @@ class ZOWorker:
                 return True
         return False
 
+    def _quorum_backed(self, commit: Commit) -> bool:
+        """A commit for our next step that carries the signed contributions of a quorum (and of two
+        nodes at least): its contributors chose its signer as their committer, so the swarm failed
+        over to it, even if the committer we know is live (say it was cut off from the others, or
+        is this node). A bystander cannot forge that: the contributions are the contributors' own
+        signatures for this step."""
+        return commit.step == self.log.head_step and \
+            len({c.sender for c in commit.contributions}) >= max(2, self._quorum(commit.step))
+
     def _check_pulled_signer(self, commit: Commit, live: set[bytes]) -> None:
         """A pulled commit is signed by the previous commit's signer, unless that signer has left
-        the live set (a failover); a bystander cannot slip in a commit of its own."""
+        the live set (a failover) or a quorum's contributions back it; a bystander cannot slip in a
+        commit of its own."""
         last = self._last_committer()
-        if last is None or commit.committer == last:
+        if last is None or commit.committer == last or self._quorum_backed(commit):
             return
-        if last in live:
+        if last in live and last not in self.log.banned:
             raise CommitError(f"commit {commit.step} is signed by {commit.committer.hex()[:12]}, but the "
                               f"committer {last.hex()[:12]} is still live")
 
@@ -531,6 +629,8 @@ class ZOWorker:
             committer = result.get("committer")
             committer = wire.require_bytes(committer, "committer", length=32) if committer is not None else None
             contributors = wire.require_int(result.get("contributors", 0), "contributors", 0, 1 << 20)
+            banned = wire.require_type(result.get("banned", []), list, "banned")
+            banned = tuple(wire.require_bytes(b, "banned node", length=32) for b in banned[:MAX_BANNED])
         except (SwarmCallError, ProtocolError) as error:
             logger.warning("snapshot from %s failed: %s", peer.hex()[:12], error)
             return
@@ -545,7 +645,7 @@ class ZOWorker:
                 self.replica.load_state(before)
                 logger.warning("snapshot from %s does not match the hash it claims; ignored", peer.hex()[:12])
                 return
-            self.log.restart_at(step, head, committer, contributors)
+            self.log.restart_at(step, head, committer, contributors, banned)
             self._inbox.clear()
             self._own.clear()
             await asyncio.to_thread(self._write_snapshot)
@@ -606,6 +706,9 @@ class ZOWorker:
             raise ProtocolError("only live zo members of the run may contribute")
         if await self.committer() != self.me:
             raise ProtocolError("this node is not the committer")
+        if sender in self.log.banned:
+            raise ProtocolError("this node is banned from the run's commits (its scalars were outliers again and "
+                                "again); its contributions are not taken")
         accepted = late = 0
         for raw in raws:
             c = open_contribution(raw, self.run_id)  # raises on a bad signature, field or kind
@@ -634,7 +737,7 @@ class ZOWorker:
         if commit.committer != sender:
             raise ProtocolError("a commit must be pushed by the node that signed it")
         expected = await self.committer()
-        if commit.committer != expected:
+        if commit.committer != expected and not self._quorum_backed(commit):
             raise ProtocolError(f"commit from {sender.hex()[:12]}, but the committer is {expected.hex()[:12]}")
         if commit.step < self.log.head_step:
             ours = self.log.get(commit.step)
@@ -671,7 +774,8 @@ class ZOWorker:
             last = self.log.get(self.log.head_step - 1)
             info = {"step": self.log.head_step, "head": self.log.head_hash, "hash": self.replica.weights_hash(),
                     "committer": self._last_committer(),
-                    "contributors": len({c.sender for c in last.contributions}) if last else self.log.base_contributors}
+                    "contributors": len({c.sender for c in last.contributions}) if last else self.log.base_contributors,
+                    "banned": list(self.log.banned)}
         return info, state
 
 
