@@ -209,7 +209,8 @@ class ExpertWorker:
 
     async def _train(self, job: ExpertJob, stop: asyncio.Event) -> None:
         s = self.settings
-        trainer = ExpertTrainer(job, seed=init_seed(s.run_seed, job.data_key), device=s.device)
+        # off the event loop: the model is built and the first optimizer imports torch._dynamo
+        trainer = await asyncio.to_thread(ExpertTrainer, job, seed=init_seed(s.run_seed, job.data_key), device=s.device)
         stint = {"job": job.index, "name": job.name, "start_step": 0, "resumed_from": None, "started_at": time.time()}
         board = self.board
         view = board.jobs[job.index] if board is not None else None

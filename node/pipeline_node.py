@@ -19,6 +19,7 @@ from node.runner import Node
 from node.swarm_adapter import HivemindSwarm
 from protocol.messages import NodeState, Role
 from protocol.runspec import RunSpec
+from trainer import warmup
 from trainer.data import batches, load_domain, split_domain
 from trainer.files import write_json
 from trainer.model import ModelConfig, build_stage, stage_block_ranges
@@ -195,6 +196,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
         raise ValueError("pipeline.recovery = \"checkpoint\" needs --checkpoint-dir: a folder every node of the "
                          "run shares (the baseline's durable storage)")
     await node.online.wait()
+    await warmup.ready()  # the optimizer's first import, off the event loop
     assert node.role is not None
     swarm = HivemindSwarm(node)
     lost_at: float | None = None
