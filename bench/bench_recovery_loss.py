@@ -18,15 +18,23 @@ loss at 75 % of its snapshots; each run reports the wall-clock seconds until its
 first reaches it. The data node's training loss (on batches it has not seen) is reported beside it.
 
     python bench/bench_recovery_loss.py [--iterations 120] [--rates 0.05 0.10 0.16]
+
+On a machine of many cores, ``--parallel N --cpus-per-swarm K`` runs N swarms at once, each pinned
+to its own K cores (its processes inherit the affinity), so that e.g. 8 swarms on 16 cores each run
+as on a 2-core machine and the iteration time, which the failure schedule is scaled to, stays
+that of one.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import queue
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,6 +117,12 @@ def run_folder(keep: Path | None, name: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def shown(path: Path) -> str:
+    """A plot's path as BENCHMARKS.md names it: relative to the repository when it is inside."""
+    full, repo = path.resolve(), REPO.resolve()
+    return str(full.relative_to(repo)) if full.is_relative_to(repo) else str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=120)
@@ -129,8 +143,17 @@ def main() -> int:
                         help="keep every run's folder (logs, reports, snapshots) under this folder")
     parser.add_argument("--limit-s", type=float, default=900.0,
                         help="a swarm still running after this many seconds is recorded as not finished")
+    parser.add_argument("--parallel", type=int, default=1, help="swarms run at once")
+    parser.add_argument("--cpus-per-swarm", type=int, default=0,
+                        help="pin each swarm (all its processes) to its own this many cores (0: no pinning)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if args.parallel < 1 or args.cpus_per_swarm < 0:
+        parser.error("--parallel must be at least 1 and --cpus-per-swarm at least 0")
+    cores = sorted(os.sched_getaffinity(0))
+    if args.cpus_per_swarm and args.parallel * args.cpus_per_swarm > len(cores):
+        parser.error(f"--parallel {args.parallel} x --cpus-per-swarm {args.cpus_per_swarm} needs more than the "
+                     f"{len(cores)} cores this process may use")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"{STAGES} stages of the tiny preset (one block each): one data node, one node per stage, a spare per "
@@ -141,48 +164,75 @@ def main() -> int:
              f"snapshots every {args.snapshot_every} iterations, evaluated afterwards on {VAL_TOKENS_PER_DOMAIN} "
              "validation tokens per domain along the full path of the stages then serving; see the script's "
              "docstring); train = the data node's training loss, smoothed over 5 iterations"]
-    with run_folder(args.keep, "none") as folder:
-        base = run(folder, dict(swap="none", recovery="checkfree"), [], args)
-    target_at = base["curve"][int(0.75 * (len(base["curve"]) - 1))]
-    target = target_at[1]
+    if args.parallel > 1 or args.cpus_per_swarm:
+        lines.append(f"{args.parallel} swarm(s) at once" + (f", each pinned to {args.cpus_per_swarm} of the "
+                     f"{len(cores)} cores" if args.cpus_per_swarm else ""))
+    slots: queue.Queue = queue.Queue()
+    for i in range(args.parallel):
+        slots.put(cores[i * args.cpus_per_swarm:(i + 1) * args.cpus_per_swarm] if args.cpus_per_swarm else None)
 
-    def reach(curve) -> str:
-        t = next((t for t, y in curve if y <= target), None)
-        return f"{t:.1f} s" if t is not None else "not reached"
+    def pinned(name: str, settings: dict, failures) -> dict | str:
+        """One swarm on a free slot of cores; a swarm that hangs or fails gives its error's text."""
+        slot = slots.get()
+        try:
+            if slot is not None:
+                os.sched_setaffinity(0, slot)  # this thread: the processes it starts inherit it
+            with run_folder(args.keep, name) as folder:
+                return run(folder, settings, failures, args)
+        except DemoError as error:  # one swarm that hangs or fails does not lose the others' figures
+            return f"did not finish ({error})"
+        finally:
+            if slot is not None:
+                os.sched_setaffinity(0, cores)
+            slots.put(slot)
 
-    lines.append(f"no failures: target validation loss {target:.3f} (its loss at 75 % of the run) reached at "
-                 f"{reach(base['curve'])}; final {base['curve'][-1][1]:.3f} after {base['curve'][-1][0]:.1f} s "
-                 f"(train {base['train'][-1][1]:.3f})")
-    print(lines[-1], flush=True)
-    for rate in args.rates:
-        p = failure_probability(rate, args.real_iteration_s)
-        failures = sample_failures(rate, args.real_iteration_s, STAGES, args.iterations, args.seed, min_gap=args.min_gap)
-        schedule = ", ".join(f"stage {f.stage} at {f.iteration}" for f in failures) or "none drawn"
-        series = [("no failures", base["curve"])]
-        parts = []
-        for name in args.methods:
-            try:
-                with run_folder(args.keep, f"h{round(rate * 100):02d}-{name}") as folder:
-                    result = run(folder, METHODS[name], failures, args)
-            except DemoError as error:  # one swarm that hangs or fails does not lose the others' figures
-                parts.append(f"{name}: did not finish ({error})")
+    schedules = {rate: sample_failures(rate, args.real_iteration_s, STAGES, args.iterations, args.seed,
+                                       min_gap=args.min_gap) for rate in args.rates}
+    with ThreadPoolExecutor(args.parallel) as pool:
+        base_job = pool.submit(pinned, "none", dict(swap="none", recovery="checkfree"), [])
+        jobs = {(rate, name): pool.submit(pinned, f"h{round(rate * 100):02d}-{name}", METHODS[name], schedules[rate])
+                for rate in args.rates for name in args.methods}
+        base = base_job.result()
+        if isinstance(base, str):
+            raise SystemExit(f"the run without failures {base}")
+        target_at = base["curve"][int(0.75 * (len(base["curve"]) - 1))]
+        target = target_at[1]
+
+        def reach(curve) -> str:
+            t = next((t for t, y in curve if y <= target), None)
+            return f"{t:.1f} s" if t is not None else "not reached"
+
+        lines.append(f"no failures: target validation loss {target:.3f} (its loss at 75 % of the run) reached at "
+                     f"{reach(base['curve'])}; final {base['curve'][-1][1]:.3f} after {base['curve'][-1][0]:.1f} s "
+                     f"(train {base['train'][-1][1]:.3f})")
+        print(lines[-1], flush=True)
+        for rate in args.rates:
+            p = failure_probability(rate, args.real_iteration_s)
+            failures = schedules[rate]
+            schedule = ", ".join(f"stage {f.stage} at {f.iteration}" for f in failures) or "none drawn"
+            series = [("no failures", base["curve"])]
+            parts = []
+            for name in args.methods:
+                result = jobs[(rate, name)].result()
+                if isinstance(result, str):
+                    parts.append(f"{name}: {result}")
+                    print(f"h={rate}: {parts[-1]}", flush=True)
+                    continue
+                series.append((name, result["curve"]))
+                mttr = [r["mttr_s"] for r in result["recoveries"] if "mttr_s" in r]
+                parts.append(f"{name}: target at {reach(result['curve'])}, final {result['curve'][-1][1]:.3f} after "
+                             f"{result['curve'][-1][0]:.1f} s (train {result['train'][-1][1]:.3f}; "
+                             f"{result['iterations']} iterations trained"
+                             + (f", recoveries {', '.join(r['method'] for r in result['recoveries'])}" if mttr else "")
+                             + (f", mttr {sum(mttr) / len(mttr):.1f} s" if mttr else "")
+                             + (f"; not injected, no process served the stage then: {', '.join(result['missed'])}"
+                                if result["missed"] else "") + ")")
                 print(f"h={rate}: {parts[-1]}", flush=True)
-                continue
-            series.append((name, result["curve"]))
-            mttr = [r["mttr_s"] for r in result["recoveries"] if "mttr_s" in r]
-            parts.append(f"{name}: target at {reach(result['curve'])}, final {result['curve'][-1][1]:.3f} after "
-                         f"{result['curve'][-1][0]:.1f} s (train {result['train'][-1][1]:.3f}; "
-                         f"{result['iterations']} iterations trained"
-                         + (f", recoveries {', '.join(r['method'] for r in result['recoveries'])}" if mttr else "")
-                         + (f", mttr {sum(mttr) / len(mttr):.1f} s" if mttr else "")
-                         + (f"; not injected, no process served the stage then: {', '.join(result['missed'])}"
-                            if result["missed"] else "") + ")")
-            print(f"h={rate}: {parts[-1]}", flush=True)
-        png = out / f"recovery_loss_h{round(rate * 100):02d}.png"
-        legend = line_chart(png, series)
-        colours = "; ".join(f"{name} rgb{colour}" for name, colour in legend)
-        lines.append(f"h = {rate:.0%}/hour (p = {p:.4f} per stage per iteration; failures: {schedule}): "
-                     + "; ".join(parts) + f"; plot `{png.relative_to(REPO)}` ({colours})")
+            png = out / f"recovery_loss_h{round(rate * 100):02d}.png"
+            legend = line_chart(png, series)
+            colours = "; ".join(f"{name} rgb{colour}" for name, colour in legend)
+            lines.append(f"h = {rate:.0%}/hour (p = {p:.4f} per stage per iteration; failures: {schedule}): "
+                         + "; ".join(parts) + f"; plot `{shown(png)}` ({colours})")
     if args.no_record:
         print("\n".join(lines))
     else:
