@@ -160,3 +160,33 @@ def test_a_claimant_that_seems_dead_for_a_moment_keeps_its_job_for_move_after_s(
     clock[0] += 1.5  # move_after_s without a live claimant: the job goes to a mover
     asyncio.run(leader.tick())
     assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {C: 2}
+
+
+def test_a_node_that_leads_again_starts_from_what_is_lost_now(monkeypatch):
+    """Heartbeats flapped at start-up: the leader saw stage 2 lost for a moment, a smaller id took the
+    lead, and 90 s later, when stage 2 was really lost, the first node led again. It kept the loss
+    time of its first stint, found move_after_s long past and moved a node into the stage at once,
+    while the spares were claiming it: the stage was rebuilt twice."""
+    clock = [1000.0]
+    monkeypatch.setattr("trainer.pipeline.leader.time.time", lambda: clock[0])
+    peers, swarm, leader = _board_leader(move_after_s=4.0)
+    swarm.view = peers[:3]  # stage 2's node misses a heartbeat
+    asyncio.run(leader.tick())
+    assert list(jobs_from_record(swarm.records[RECOVERY_RECORD][A])) == [2]
+    smaller = Peer(bytes(32), "data", 0, None, "ONLINE")
+    swarm.view = [smaller, *peers]  # stage 2 is back, and a smaller id leads
+    clock[0] += 1.0
+    asyncio.run(leader.tick())
+    assert not leader.leading
+    swarm.records.pop(RECOVERY_RECORD)  # A's record expires (its TTL is 10 s)
+    clock[0] += 90.0
+    swarm.view = peers[:3]  # the smaller node is gone and stage 2 is really lost: A leads again
+    asyncio.run(leader.tick())
+    assert leader.leading and jobs_from_record(swarm.records[RECOVERY_RECORD][A]) == {2: clock[0]}
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+    clock[0] += 2.0  # within move_after_s of the real loss: nobody is moved yet
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {}
+    clock[0] += 2.5
+    asyncio.run(leader.tick())
+    assert moves_from_record(swarm.records[RECOVERY_RECORD][A]) == {C: 2}

@@ -128,6 +128,10 @@ class Leader:
             logger.info("pipeline leader: %s", "this node" if leading else min(live).hex()[:16])
             self.leading = leading
             if leading:
+                # what this node saw while it led before is stale (a stage lost for a moment at
+                # start-up, then back, kept its old loss time and was moved into at once when it was
+                # really lost 90 s later): start from the records that are alive now
+                self.watch, self.moves, self._claim_seen = StageWatch(self.settings.num_stages), {}, {}
                 try:  # the predecessor's job board: what it saw lost is lost here until seen served
                     for body in (await self.swarm.read(RECOVERY_RECORD)).values():
                         self.watch.take_over(body)
