@@ -10,7 +10,7 @@ import torch
 from node.pipeline_node import stage_module
 from protocol.keys import generate_private_key
 from protocol.runspec import make_spec
-from trainer.pipeline.leader import Leader, LeaderSettings
+from trainer.pipeline.leader import Leader, LeaderSettings, probe
 from trainer.pipeline.runtime import (STATE_SNAPSHOTS, PipelineError, PipelineSettings, PipelineWorker, fetch_state,
                                       weights_hash)
 from trainer.pipeline.simulator import simulate
@@ -298,3 +298,19 @@ def test_a_mate_that_does_not_answer_is_left_out_and_the_next_replica_reduces():
     assert [c[1] for c in w.swarm.calls] == ["pp.reduce"]  # tried once, then reduced alone
     assert w._mates == set() and w._reduce_result[0].done()
     assert weights_hash(w.module) == before  # nothing was processed: no step
+
+
+def test_a_probe_takes_the_shortest_of_its_pings():
+    """A busy node answers a ping late (200-300 ms over a 45 ms link in a full run): the latency is
+    half the shortest round trip of the probe's pings, and the echo's extra time gives the bandwidth."""
+    class Pings:
+        def __init__(self):
+            self.delays = [0.30, 0.02, 0.08]  # the first ping waits behind work
+
+        async def call(self, target, method, args, tensors=None):
+            await asyncio.sleep(self.delays.pop(0) if method == "ping" else 0.02 + 0.05)
+            return {}, dict(tensors or {})
+
+    latency_ms, bandwidth = asyncio.run(probe(Pings(), b"t" * 32, 64 << 10))
+    assert 9.0 <= latency_ms < 30.0  # half of about 20 ms, not of 300 ms
+    assert bandwidth > 0
