@@ -1,4 +1,5 @@
 """Test settings shared by the whole suite."""
+import pytest
 from hypothesis import HealthCheck, settings
 
 # CI runs on 2 shared cores: judge properties by examples, not by wall-clock deadlines.
@@ -14,8 +15,6 @@ SLOW_RERUNS = 1
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("flaky") is None:
             item.add_marker(pytest.mark.flaky(reruns=SLOW_RERUNS, reruns_delay=2))
