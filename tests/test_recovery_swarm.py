@@ -1,7 +1,6 @@
 """Neighbour recovery across real node processes: stages lost to kill -9 are rebuilt and served again."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -9,16 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from node.pipeline_demo import run_pipeline_swarm, write_pipeline_spec
+from trainer.pipeline.runtime import state_hash
 from trainer.recovery.failures import Failure
 
 
 def blake_of(weights: dict[str, torch.Tensor]) -> str:
-    """trainer.pipeline.runtime.weights_hash, of a state dict read back from a file."""
-    h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
-    for name, t in sorted(weights.items()):
-        h.update(name.encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_hash(weights).hex()
 
 
 def by_process(reports: list[dict]) -> dict[str, dict]:

@@ -132,12 +132,17 @@ class _StateSnapshot:
     grad_norm: float | None
 
 
-def weights_hash(module: torch.nn.Module) -> bytes:
+def state_hash(state: dict[str, torch.Tensor]) -> bytes:
+    """BLAKE2b of a state dict's names and bytes, in name order (a module's, or one read from a file)."""
     h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().numpy().tobytes())
     return h.digest()
+
+
+def weights_hash(module: torch.nn.Module) -> bytes:
+    return state_hash(module.state_dict())
 
 
 class PipelineWorker:
