@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import record  # noqa: E402
+from bench.common import iteration_phases, record  # noqa: E402
 from node.zo_demo import _first_maddr, _start, read_reports, stop_processes  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
 from trainer.pipeline.scenario import shipped_scenario  # noqa: E402
@@ -86,12 +86,7 @@ def measure(reports: list[dict]) -> dict:
     the paths: what the simulator models), and the simulator's prediction for that schedule."""
     published = {p["version"]: p for r in reports for p in r["published"]}
     data = [r for r in reports if r["stage"] == 0]
-    ends: dict[int, float] = {}
-    paths_s: dict[int, float] = {}
-    for r in data:
-        for it, began, drive, reduce in r["phases"]:
-            ends[it] = max(ends.get(it, 0.0), began + drive + reduce)
-            paths_s[it] = max(paths_s.get(it, 0.0), drive)
+    ends, paths_s = iteration_phases(data)
     on_leader: dict[int, set] = {}
     for r in data:
         for it, source, version in r["plans"]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import REPO, record  # noqa: E402
+from bench.common import REPO, iteration_phases, record  # noqa: E402
 from bench.plot_png import line_chart  # noqa: E402
 from node.pipeline_demo import recoveries_of, run_pipeline_swarm, summarize_pipeline, write_pipeline_spec  # noqa: E402
 from node.zo_demo import DemoError  # noqa: E402
@@ -80,12 +80,7 @@ def measure(reports: list[dict]) -> dict:
     themselves."""
     published = {p["version"]: p for r in reports for p in r.get("published", [])}
     data = [r for r in reports if r["stage"] == 0]
-    ends: dict[int, float] = {}
-    paths_s: dict[int, float] = {}
-    for r in data:
-        for it, began, drive, reduce in r["phases"]:
-            ends[it] = max(ends.get(it, 0.0), began + drive + reduce)
-            paths_s[it] = max(paths_s.get(it, 0.0), drive)
+    ends, paths_s = iteration_phases(data)
     total = [ends[it] - ends[it - 1] for it in sorted(ends) if it - 1 in ends]
     paths = [paths_s[it] for it in sorted(ends) if it - 1 in ends]
     sources = [source for r in data for _, source, _ in r["plans"]]

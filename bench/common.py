@@ -37,3 +37,15 @@ def record(title: str, lines: list[str]) -> None:
         BENCHMARKS.write_text(HEADER)
     with BENCHMARKS.open("a") as handle:
         handle.write("\n" + text)
+
+
+def iteration_phases(data_reports: list[dict]) -> tuple[dict[int, float], dict[int, float]]:
+    """From the data nodes' reports: when each iteration ended on the last of them (its paths,
+    reduce and step done), and the longest time one of them spent on that iteration's paths."""
+    ends: dict[int, float] = {}
+    paths_s: dict[int, float] = {}
+    for r in data_reports:
+        for it, began, drive, reduce in r["phases"]:
+            ends[it] = max(ends.get(it, 0.0), began + drive + reduce)
+            paths_s[it] = max(paths_s.get(it, 0.0), drive)
+    return ends, paths_s
