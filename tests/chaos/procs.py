@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.zo_demo import stop_processes
+
 SWARMTRAIN = [sys.executable, "-m", "node.cli"]
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -170,21 +172,12 @@ def thaw_node(proc: NodeProc) -> None:
 
 
 def stop_all(procs: list[NodeProc], grace_s: float = 20.0) -> None:
-    """SIGCONT (a frozen node cannot stop), SIGTERM, then SIGKILL every process group."""
+    """SIGCONT (a frozen node cannot stop), then the demo's SIGTERM and SIGKILL of every process group."""
     for proc in procs:
         if proc.popen.poll() is None:
             signal_group(proc, signal.SIGCONT)
-            proc.popen.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
+    stop_processes(procs, grace_s)
     for proc in procs:
-        try:
-            proc.popen.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        signal_group(proc, signal.SIGKILL)
-        if proc.popen.poll() is None:
-            proc.popen.wait(5)
         proc.poll()
 
 
