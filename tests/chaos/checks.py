@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -30,17 +29,16 @@ import torch
 from safetensors.torch import load_file
 
 from tests.chaos.disk import FILLER
+from tests.chaos.modes import EX_CHECKPOINT, PP_ITERATION, PP_ROLE, ZO_STEP
 from tests.chaos.procs import LogTail, NodeProc
 from tests.chaos.swarm import ChaosResult
 from trainer.files import temporary_owner
+from trainer.pipeline.runtime import state_hash
 
 _IDENTITY_TMP = re.compile(r"\..+\.tmp(\d+)")  # node/identity.py's temporary key file
 _RESTORING = re.compile(r"restoring stage (\d+): (.*)")
 _RESTORED = re.compile(r"stage (\d+) restored by ([\w-]+) at iteration (\d+) in [\d.]+ s \(weights ([0-9a-f]+), "
                        r"from ([0-9a-f,]+|nobody)\)")
-_ITERATION = re.compile(r"pipeline iteration (\d+) done, weights ([0-9a-f]{16})")
-_ROLE = re.compile(r"role: (\w+)(?: stage (\d+))? —")
-_ZO_STEP = re.compile(r"zo step (\d+) weights ([0-9a-f]{16})")
 
 
 @dataclass
@@ -166,7 +164,7 @@ def zo_nothing_lost(result: ChaosResult, steps: int | None) -> list[Check]:
 
     agreed: dict[int, set[str]] = {}  # step -> 16-hex weight hashes that any node life logged there
     for proc in result.procs:
-        for step, digest in _ZO_STEP.findall(proc.text()):
+        for step, digest in ZO_STEP.findall(proc.text()):
             agreed.setdefault(int(step), set()).add(digest)
     for report in reports.values():
         for step, digest in report["hashes"]:
@@ -256,15 +254,6 @@ def pipeline_restores(procs: list[NodeProc]) -> list[Restore]:
     return out
 
 
-def blake_of(weights: dict[str, torch.Tensor]) -> str:
-    """trainer.pipeline.runtime.weights_hash of a state dict read back from a file."""
-    h = hashlib.blake2b(digest_size=32, person=b"swarmtrain/pp-w")
-    for name, t in sorted(weights.items()):
-        h.update(name.encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class _Life:
     proc: NodeProc
@@ -291,9 +280,9 @@ def _lives(result: ChaosResult) -> list[_Life]:
     for proc in result.procs:
         roles, iterations = [], []
         for line in proc.messages():
-            if match := _ROLE.search(line.message):
+            if match := PP_ROLE.search(line.message):
                 roles.append((line.at, int(match[2]) if match[2] else None))
-            elif match := _ITERATION.fullmatch(line.message):
+            elif match := PP_ITERATION.fullmatch(line.message):
                 iterations.append((line.at, int(match[1]), match[2]))
         end = proc.ended_at if proc.state == "killed" and proc.ended_at else float("inf")
         frozen, since = [], None
@@ -390,7 +379,7 @@ def pipeline_nothing_lost(result: ChaosResult, stages: int, iterations: int | No
         for path in sorted((result.home(name) / "snapshots").glob("stage*/it*.safetensors")):
             k = int(path.name[2:10])
             seen += 1
-            if blake_of(load_file(str(path)))[:16] not in by_iteration.get(k, set()):
+            if state_hash(load_file(str(path))).hex()[:16] not in by_iteration.get(k, set()):
                 problems.append(f"{path.relative_to(result.home(name))}: weights no node logged at iteration {k}")
     checks.append(_check("every weight snapshot holds weights its stage logged", problems, f"{seen} snapshots"))
     checks.append(files_whole(result))
@@ -407,7 +396,6 @@ def _proc(result: ChaosResult, r: Restore) -> NodeProc:
 _EX_STINT = re.compile(r"training job (\S+) \([\d,]+ parameters, steps (\d+)\.\.(\d+)\)")
 _EX_RESUMED = re.compile(r"resumed job (\S+) at step (\d+) from checkpoint ([0-9a-f]{16}) \((.*)\)")
 _EX_AFRESH = re.compile(r"no live peer keeps a checkpoint of job (\S+) \(last at step (\d+)\); starting it afresh")
-_EX_MADE = re.compile(r"checkpoint of (\S+) at step (\d+): ([0-9a-f]{16})")
 _EX_COPIED = re.compile(r"keeping a copy of (\S+)'s checkpoint at step (\d+) \(([0-9a-f]{16}), from")
 _EX_RECALLED = re.compile(r"found in the store: (\S+) at step (\d+) \(([0-9a-f]{16})")
 _EX_DONE = re.compile(r"job (\S+) done at step (\d+): checkpoint ([0-9a-f]{16})")
@@ -446,7 +434,7 @@ def _kept_steps(procs: list[NodeProc]) -> dict[str, list[tuple[float, str, int]]
     out: dict[str, list[tuple[float, str, int]]] = {}
     for proc in procs:
         for line in proc.messages():
-            match = _EX_MADE.fullmatch(line.message) or _EX_COPIED.fullmatch(line.message) \
+            match = EX_CHECKPOINT.fullmatch(line.message) or _EX_COPIED.fullmatch(line.message) \
                 or _EX_RECALLED.fullmatch(line.message)
             if match:
                 out.setdefault(proc.name, []).append((line.at, match[1], int(match[2])))
@@ -495,7 +483,7 @@ def experts_nothing_lost(result: ChaosResult, steps: dict[str, int] | None, ttl_
         for line in proc.messages():
             if match := _EX_DONE.fullmatch(line.message):
                 done.setdefault(match[1], set()).add((int(match[2]), match[3]))
-            elif match := _EX_MADE.fullmatch(line.message):
+            elif match := EX_CHECKPOINT.fullmatch(line.message):
                 made[match[1]] = max(made.get(match[1], 0), int(match[2]))
     if steps is not None:
         for job, total in steps.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from tests.chaos.procs import NodeProc
 from tests.chaos.swarm import ChaosSwarm, NodeSpec
@@ -29,8 +30,29 @@ def _home(workdir: Path, name: str) -> NodeSpec:
     return NodeSpec(name, [], home, home / "data", home / "report.json")
 
 
+class _OwnHomeNodes:
+    """Nodes that all run one command and come back from their own data dir (a zo node resumes
+    from its commit log, an experts node's store still holds its checkpoints). A mode sets
+    ``nodes``, ``spec_path``, ``report_flag`` and ``prefix``."""
+
+    report_flag: ClassVar[str] = "--report"
+    prefix: ClassVar[str] = "node"
+
+    def node(self, workdir: Path, name: str) -> NodeSpec:
+        spec = _home(workdir, name)
+        spec.args = ["node", "--run", str(self.spec_path), "--data-dir", str(spec.data_dir), "--device", "cpu",
+                     self.report_flag, str(spec.report)]
+        return spec
+
+    def initial_nodes(self, workdir: Path) -> list[NodeSpec]:
+        return [self.node(workdir, f"{self.prefix}-{i}") for i in range(self.nodes)]
+
+    def restart(self, proc: NodeProc, spec: NodeSpec) -> NodeSpec:
+        return spec
+
+
 @dataclass
-class ZoMode:
+class ZoMode(_OwnHomeNodes):
     """``nodes`` zo nodes fine-tune the tiny preset from the run's seed; a killed node comes back
     from its data dir (its own commit log, then what it missed). At most one node is down at a
     time, so a majority of the last commit's contributors always lives (the quorum rule)."""
@@ -46,6 +68,8 @@ class ZoMode:
     stop_faults_at: float = 0.8  # no new fault after this fraction of the steps
     name: str = "zo"
     spec_path: Path | None = None
+    report_flag: ClassVar[str] = "--zo-report"
+    prefix: ClassVar[str] = "zo"
 
     def prepare(self, workdir: Path) -> None:
         self.spec_path = _signed_spec(workdir, "zo", name="chaos-zo", steps=self.steps, min_nodes=self.nodes,
@@ -53,21 +77,6 @@ class ZoMode:
                                       snapshot_every=self.snapshot_every, batch_size=self.batch_size,
                                       heartbeat_interval_s=self.heartbeat_interval_s,
                                       heartbeat_ttl_s=self.heartbeat_ttl_s)
-
-    def _args(self, spec: NodeSpec) -> list[str]:
-        return ["node", "--run", str(self.spec_path), "--data-dir", str(spec.data_dir), "--device", "cpu",
-                "--zo-report", str(spec.report)]
-
-    def node(self, workdir: Path, name: str) -> NodeSpec:
-        spec = _home(workdir, name)
-        spec.args = self._args(spec)
-        return spec
-
-    def initial_nodes(self, workdir: Path) -> list[NodeSpec]:
-        return [self.node(workdir, f"zo-{i}") for i in range(self.nodes)]
-
-    def restart(self, proc: NodeProc, spec: NodeSpec) -> NodeSpec:
-        return spec  # the same data dir: it resumes from its own log
 
     @staticmethod
     def head_of(proc: NodeProc) -> int:
@@ -211,7 +220,7 @@ EX_AT_WORK = ("training job ", "every expert job of the run is done", "not joini
 
 
 @dataclass
-class ExpertsMode:
+class ExpertsMode(_OwnHomeNodes):
     """Mode experts: one heterogeneous expert per embedded domain (3 jobs of the tiny preset,
     ``steps`` each, checkpoints every ``checkpoint_every``) on ``nodes`` nodes, so that one node
     joins a job's group. A killed node comes back from its data dir: it publishes again the
@@ -231,6 +240,8 @@ class ExpertsMode:
     stop_faults_at: float = 0.7  # no new fault after this fraction of the run's steps
     name: str = "experts"
     spec_path: Path | None = None
+    report_flag: ClassVar[str] = "--report"
+    prefix: ClassVar[str] = "ex"
     # what a node process needs besides its spec: averaging that gives up quickly on 127.0.0.1
     env: dict = field(default_factory=lambda: {"SWARMTRAIN_TIMEOUT_AVERAGING_MATCHMAKING_S": "1.0",
                                                "SWARMTRAIN_TIMEOUT_AVERAGING_S": "10.0"})
@@ -250,21 +261,6 @@ class ExpertsMode:
     @property
     def total_steps(self) -> int:
         return sum(self.steps)
-
-    def _args(self, spec: NodeSpec) -> list[str]:
-        return ["node", "--run", str(self.spec_path), "--data-dir", str(spec.data_dir), "--device", "cpu",
-                "--report", str(spec.report)]
-
-    def node(self, workdir: Path, name: str) -> NodeSpec:
-        spec = _home(workdir, name)
-        spec.args = self._args(spec)
-        return spec
-
-    def initial_nodes(self, workdir: Path) -> list[NodeSpec]:
-        return [self.node(workdir, f"ex-{i}") for i in range(self.nodes)]
-
-    def restart(self, proc: NodeProc, spec: NodeSpec) -> NodeSpec:
-        return spec  # the same data dir: its store still holds its checkpoints
 
     @staticmethod
     def checkpoints_of(proc: NodeProc) -> dict[str, int]:
