@@ -15,10 +15,6 @@ ITERATIONS = 10
 HONEST = ("d0", "d1", "s1b", "s2a", "s2b")
 
 
-# KNOWN FAILURE (issue 10 stays open for it): the garbage replica is caught, but in the full run of
-# 2026-12-02 (and on 16 cores in bench/bench_byzantine.py) an honest stage-2 replica then banned its
-# reducer (its averaged gradient 10.4 x its own norm, factor 8): a false ban. It runs and reports.
-@pytest.mark.xfail(reason="the guard also banned an honest reducer in the full run of 2026-12-02 (issue 10, open)", strict=False)
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_replica_sending_garbage_gradients_is_excluded_and_banned_and_training_goes_on(tmp_path):

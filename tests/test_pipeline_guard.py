@@ -269,3 +269,113 @@ def test_the_reducer_leaves_out_a_garbage_replica_and_steps_on_the_rest():
     assert BAD not in w._mates and MATE in w._mates
     assert all(torch.isfinite(p).all() for p in w.module.parameters())
     assert swarm.events[0][0] == "banned" and BAD.hex() in swarm.events[0][1]
+
+
+def test_garbage_gradients_from_the_only_replica_a_data_node_sees_are_refused():
+    """The multi-process Byzantine runs: on a steady schedule a data node sees one replica of
+    stage 1 for many iterations, so it never has a stage mate to compare with. With f^3 for that
+    case, the garbage replica's 100x gradients were taken, went into the data nodes' step, and the
+    honest replicas' gradients then looked 22x off scale and were banned (5 false bans). But honest
+    lone gradients drift too (20-25x within the window in the checkpoint baseline test, while stage
+    2 was skipped), and a 2f rule with strikes banned the honest stage-1 node there: a lone outlier
+    is refused, with no strike, and joins the scale; the garbage replica is banned at its reduce."""
+    guard = Guard(GuardSettings(factor=8.0, warmup=4, window=8))
+    for i in range(8):  # two iterations of honest gradients, all from BAD (still honest)
+        assert guard.check(BAD, 1, "grad", acts(1e-3, seed=i), iteration=i // 4, path=(1, 2)) is None
+    assert guard.check(BAD, 1, "grad", acts(9e-3, seed=8), iteration=2, path=(1, 2)) is None  # 9x: honest moves
+    assert "no strike" in guard.check(BAD, 1, "grad", acts(0.05, seed=9), iteration=2, path=(1, 2))
+    assert "no strike" in guard.check(BAD, 1, "grad", acts(0.05, seed=10), iteration=2, path=(1, 2))
+    assert BAD not in guard.bans
+    # a scale that really moved 50x is followed: refused until half the window holds it
+    refused = 2
+    while guard.check(BAD, 1, "grad", acts(0.05, seed=10 + refused), iteration=3, path=(1, 2)) is not None:
+        refused += 1
+    assert refused == 3 and BAD not in guard.bans  # the third joined, the fourth passed
+    # with a stage mate to compare with, an outlier is a strike as before
+    for i in range(2):
+        assert guard.check(MATE, 1, "grad", acts(0.05, seed=30 + i), iteration=3, path=(1, 2)) is None
+    assert "no strike" not in guard.check(BAD, 1, "grad", acts(50.0, seed=40), iteration=3, path=(1, 2))
+    assert guard.check(BAD, 1, "grad", acts(50.0, seed=41), iteration=3, path=(1, 2)) is not None
+    assert BAD in guard.bans
+
+
+def test_the_scales_start_afresh_when_a_lost_stage_is_served_again():
+    guard = Guard(GuardSettings(factor=8.0, warmup=4))
+    for i in range(6):
+        assert guard.check(MATE, 1, "grad", acts(1e-4, seed=i), iteration=i) is None
+    assert guard.check_gradients(1, {ME: (grads(1.0), 1)}, trusted=ME) == {}
+    assert guard.check(MATE, 1, "grad", acts(1e-4 * 218, seed=6), iteration=6) is not None  # a strike
+    guard.forget_scales()
+    # a neighbour rebuilt: gradients 218x, taken until the new scale has its warm-up, then judged on it
+    for i in range(4):
+        assert guard.check(MATE, 1, "grad", acts(1e-4 * 218, seed=10 + i), iteration=7) is None
+    assert MATE not in guard.bans
+    assert guard.check(MATE, 1, "grad", acts(1e-4 * 218 * 20, seed=20), iteration=8) is not None
+    bad = acts(1e-4)
+    bad[0, 0, 0] = math.nan
+    guard.forget_scales()
+    assert "non-finite" in guard.check(MATE, 1, "grad", bad, iteration=8) and MATE in guard.bans  # always judged
+
+
+def test_a_replica_judges_the_reducers_average_with_twice_the_factor():
+    """An honest stage-2 replica banned its reducer in a full run: the average was 10.4x the
+    replica's own per-microbatch norm (the reducer takes contributions within f of its own, so an
+    honest average can be about f off a replica whose microbatches gave small gradients)."""
+    guard = Guard(GuardSettings(factor=8.0, warmup=4))
+    assert guard.check_gradients(2, {MATE: (grads(10.4), 1), ME: (grads(1.0, 1), 1)}, trusted=ME, slack=2.0) == {}
+    assert list(guard.check_gradients(2, {MATE: (grads(10.4), 1), ME: (grads(1.0, 1), 1)}, trusted=ME)) == [MATE]
+    assert list(guard.check_gradients(2, {MATE: (grads(50.0), 1), ME: (grads(1.0, 1), 1)}, trusted=ME,
+                                      slack=2.0)) == [MATE]
+
+
+def test_a_stage_served_again_in_the_view_starts_the_workers_scales_afresh():
+    swarm = RecordingSwarm(MATE)
+    w = stage_worker(swarm)
+    for i in range(4):
+        assert w.guard.check(DATA, 0, "grad", acts(1e-3, seed=i), iteration=i) is None
+
+    async def look():
+        return await w._replicas()
+
+    asyncio.run(look())
+    asyncio.run(look())  # nothing changed: the scales stay
+    assert w.guard.check(DATA, 0, "grad", acts(1e-1, seed=9), iteration=5) is not None
+    swarm.live = [p for p in swarm.live if p.stage != 0]  # stage 0 lost
+    asyncio.run(look())
+    assert w.guard._scales  # a loss alone changes nothing
+    swarm.live.append(Peer(bytes([9]) * 32, "data", 0, None, "ONLINE"))  # and served again
+    asyncio.run(look())
+    assert w.guard.check(DATA, 0, "grad", acts(1e-1, seed=10), iteration=6) is None  # warm-up again
+    # a spare that rebuilt stage 1 is a new replica, also when this node never saw the stage lost
+    for i in range(4):
+        assert w.guard.check(DATA, 0, "grad", acts(1e-1, seed=20 + i), iteration=7) is None
+    assert w.guard.check(DATA, 0, "grad", acts(10.0, seed=30), iteration=8) is not None
+    swarm.live = [p for p in swarm.live if p.id != BAD] + [Peer(bytes([10]) * 32, "stage", 1, None, "ONLINE")]
+    asyncio.run(look())
+    assert w.guard.check(DATA, 0, "grad", acts(10.0, seed=31), iteration=9) is None
+
+
+def test_a_refused_delivery_from_the_route_ends_the_wait_and_a_strangers_does_not():
+    """A multi-process Byzantine run stalled 60 s (arrival_timeout_s) an iteration: the data node
+    refused the garbage replica's gradient at its first strike and went on waiting for it."""
+    w = stage_worker(RecordingSwarm(MATE))
+    for i in range(4):
+        assert w.guard.check(ME, 1, "grad", acts(1e-3, seed=i), iteration=0, path=(1,)) is None
+    stranger = bytes([9]) * 32
+
+    async def deliver(sender: bytes, m: int, t: torch.Tensor) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.expected_shape, future.stages, future.nodes = (2, 16, 64), (1,), {BAD}
+        w._arrivals[(1, m, 0, "grad")] = future
+        with pytest.raises(PipelineError, match="refused"):
+            await w._on_arrive(sender, {"iteration": 1, "mb": m, "attempt": 0, "kind": "grad"}, {"t": t})
+        return future
+
+    async def scenario():
+        from_route = await deliver(BAD, 0, acts(1.0))  # 1000x the scale
+        from_stranger = await deliver(stranger, 1, torch.full((2, 16, 64), math.nan))
+        return from_route, from_stranger
+
+    from_route, from_stranger = asyncio.run(scenario())
+    assert from_route.done() and from_route.result() is None
+    assert not from_stranger.done()

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from protocol.errors import ProtocolError
-from trainer.pipeline.guard import Guard, GuardSettings
+from trainer.pipeline.guard import GRADIENT_SLACK, Guard, GuardSettings
 from trainer.pipeline.leader import SCHEDULE_RECORD, paths_from_schedule
 from trainer.pipeline.plan import Hop, plan_paths
 from trainer.pipeline.state import (STATE_PART_BYTES, VERSION_GONE, encode_part, fetch_state,  # noqa: F401 (re-exported)
@@ -185,6 +185,7 @@ class PipelineWorker:
         self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
         self.grad_norm = 0.0  # of the last averaged gradient; 0 before the first step
+        self._served: set[tuple[int, bytes]] | None = None  # (stage, node) of the live replicas at the last look
         self.move_to: int | None = None  # set from outside: leave after this iteration for that stage
         # the checkpoint-and-restart baseline (pipeline.recovery = "checkpoint"), set from outside
         self.checkpoint_root: Path | None = None
@@ -220,6 +221,15 @@ class PipelineWorker:
         by_stage.setdefault(self.stage, [])
         if self.me not in by_stage[self.stage]:
             by_stage[self.stage].append(self.me)
+        # a stage served again (rebuilt or re-initialised weights) or a node new in a stage moves
+        # the scales along the paths; a node sees it as a replica it did not see at its last look
+        # (a spare that rebuilt a stage is one, also when this node missed the moment it was lost)
+        served = {(s, n) for s, ids in by_stage.items() for n in ids}
+        if self._served is not None and (new := served - self._served):
+            logger.info("new replicas (%s): the guard's scales start afresh",
+                        ", ".join(f"stage {s}: {n.hex()[:12]}" for s, n in sorted(new)))
+            self.guard.forget_scales()
+        self._served = served
         return {s: sorted(ids) for s, ids in by_stage.items()}
 
     # ---- the guard: bad tensors and bans ------------------------------------------------------
@@ -489,6 +499,7 @@ class PipelineWorker:
         future = loop.create_future()
         future.expected_shape = tuple(t.shape)  # what comes back has the shape of what went out
         future.stages = tuple(stage for stage, _ in route)  # a gradient's: the stages its microbatch visited
+        future.nodes = {node for _, node in route}  # a refusal of what one of them delivers ends the wait
         self._arrivals[(k, m, attempt, kind)] = future
         deadline = loop.time() + self.settings.arrival_timeout_s
         try:
@@ -753,8 +764,16 @@ class PipelineWorker:
                                        or tuple(t.shape) != future.expected_shape):
             raise PipelineError(f"t must be a {self.settings.activation_dtype} tensor of shape {future.expected_shape}")
         if not result.get("lost"):
-            self._screen(sender, "x" if kind == "x" else "grad", t, k, future.stages if kind != "x" else None,
-                         ident=("arrive", k, m, attempt))
+            try:
+                self._screen(sender, "x" if kind == "x" else "grad", t, k, future.stages if kind != "x" else None,
+                             ident=("arrive", k, m, attempt))
+            except PipelineError:
+                # a node of the route delivered what the guard refused: nothing good comes for this
+                # attempt, so stop waiting now (the activations go again, the gradient is lost)
+                # rather than for arrival_timeout_s; a stranger's refused delivery changes nothing
+                if sender in future.nodes and not future.done():
+                    future.set_result(None)
+                raise
         future.set_result((result, t))
         return {}, {}
 
@@ -838,7 +857,7 @@ class PipelineWorker:
             reason = "a reply to pp.reduce without this stage's gradients"
         else:
             reason = self.guard.check_gradients(self.stage, {reducer: (out, 1), self.me: (own, self._count)},
-                                                trusted=self.me).get(reducer)
+                                                trusted=self.me, slack=GRADIENT_SLACK).get(reducer)
         if reason is None:
             return True
         self.guard.ban(reducer, f"its averaged gradient: {reason}")
