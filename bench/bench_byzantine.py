@@ -16,6 +16,7 @@ with ``pipeline.guard = "ban"`` and ``"off"``, plus the honest run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -159,7 +160,8 @@ def pp_run(workdir: Path, args, guard: str, fault: str | None) -> dict:
 
 def run_pipeline(args, workdir: Path) -> None:
     results = {}
-    for guard, fault in [("ban", None)] + [(g, f) for f in PP_FAULTS for g in ("ban", "off")]:
+    faults = [f for f in PP_FAULTS if f in args.pp_faults.split(",")]
+    for guard, fault in [("ban", None)] + [(g, f) for f in faults for g in ("ban", "off")]:
         results[(guard, fault)] = pp_run(workdir / f"pp-{guard}-{fault or 'honest'}", args, guard, fault)
         print(f"pipeline {guard} {fault or 'honest'}: {results[(guard, fault)]}", flush=True)
     honest = results[("ban", None)]
@@ -171,7 +173,7 @@ def run_pipeline(args, workdir: Path) -> None:
         f"honest: loss {fmt(honest['loss_start'])} -> {fmt(honest['loss_end3'])} (mean of the last 3 iterations, "
         f"both data nodes), false bans {honest['false_bans']}",
     ]
-    for fault in PP_FAULTS:
+    for fault in faults:
         on, off = results[("ban", fault)], results[("off", fault)]
         lines.append(
             f"{fault}: guard on: loss {fmt(on['loss_end3'])}, honest weights finite: {on['finite']}, "
@@ -191,10 +193,17 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--base-steps", type=int, default=30)
     parser.add_argument("--pp-iterations", type=int, default=12)
+    parser.add_argument("--pp-faults", default=",".join(PP_FAULTS), help="pipeline faults to run, comma-separated")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per swarm run")
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (the nodes' logs and reports)")
     args = parser.parse_args()
+    if unknown := set(args.pp_faults.split(",")) - set(PP_FAULTS):
+        parser.error(f"unknown --pp-faults {', '.join(sorted(unknown))}; choose from {', '.join(PP_FAULTS)}")
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="swarmtrain-byzantine-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep
+          else tempfile.TemporaryDirectory(prefix="swarmtrain-byzantine-")) as tmp:
         if args.part in ("zo", "all"):
             run_zo(args, Path(tmp))
         if args.part in ("pipeline", "all"):
