@@ -379,3 +379,15 @@ def test_a_refused_delivery_from_the_route_ends_the_wait_and_a_strangers_does_no
     from_route, from_stranger = asyncio.run(scenario())
     assert from_route.done() and from_route.result() is None
     assert not from_stranger.done()
+
+
+def test_a_reducer_without_gradients_of_its_own_judges_a_replica_with_twice_the_factor():
+    """The leader-kill test, once: a data node died, the other stage-1 replica took every microbatch,
+    and the reducer, with none of its own, found it 14.4x and then 9.1x its history and banned it."""
+    guard = Guard(GuardSettings(factor=8.0, warmup=4))
+    for seed in range(4):
+        assert guard.check_gradients(1, {ME: (grads(1.0, seed), 1), MATE: (grads(1.0, seed + 9), 1)}, trusted=ME) == {}
+    assert guard.check_gradients(1, {ME: (grads(0.0), 0), MATE: (grads(14.4, 20), 1)}, trusted=ME) == {}
+    assert list(guard.check_gradients(1, {ME: (grads(0.0), 0), MATE: (grads(100.0, 21), 1)}, trusted=ME)) == [MATE]
+    # with its own gradient the reference stays as tight as before
+    assert list(guard.check_gradients(1, {ME: (grads(1.0, 30), 1), MATE: (grads(14.4, 31), 1)}, trusted=ME)) == [MATE]

@@ -20,7 +20,8 @@ transport), before computing with it:
 - parameter gradients at the stage's reduce, per replica (sum over its microbatches / count, a
   count of 0 taken as 1): non-finite is bad; so is a norm above f x the reference: this node's own
   per-microbatch norm, or the median of those accepted in earlier reduces if larger (before there
-  is history and without its own, the smallest contribution). Replicas are compared with each
+  is history and without its own, the smallest contribution; with history but no gradient of its
+  own this iteration, 2f x the history). Replicas are compared with each
   other, not averaged together. A replica checks the reducer's averaged gradient against its own,
   with 2f: the reducer took contributions within f of its own, so an honest average can be about
   f off a replica whose paths gave it small gradients, while garbage stays far above.
@@ -169,6 +170,11 @@ class Guard:
         history = self._grad_norms
         if len(history) >= self.settings.warmup:
             reference = max(statistics.median(history), norms.get(trusted, 0.0))
+            if trusted not in norms:
+                # no gradient of its own this iteration (no microbatch came through it): the
+                # history alone, from other paths, is a looser reference; an honest replica that
+                # took every microbatch after a data node died was 9-14x it and was banned
+                slack *= GRADIENT_SLACK
         else:
             reference = norms[trusted] if trusted in norms else min(norms.values())
         for node, norm in sorted(norms.items()):
