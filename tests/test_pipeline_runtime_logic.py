@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 
 import pytest
@@ -27,14 +28,15 @@ class FakeSwarm:
         self.handlers = {}
         self.calls = []
         self.live: list[Peer] = []
+        self.left: list[Peer] = []  # members seen only when the caller asks for those not live too
         self.unreachable: set[bytes] = set()
         self.replies: dict[str, dict] = {}  # method -> the result it answers (default {})
 
     def serve(self, method, handler):
         self.handlers[method] = handler
 
-    async def peers(self, *, fresh=False, **_):
-        return list(self.live)
+    async def peers(self, *, fresh=False, live_only=True, **_):
+        return list(self.live) + ([] if live_only else list(self.left))
 
     async def read(self, name):
         return {}
@@ -250,6 +252,66 @@ def test_malformed_hops_are_refused():
     data = worker(0)
     with pytest.raises(PipelineError, match="waits"):  # nothing expected: refused, not stored
         asyncio.run(data._on_arrive(DATA, {"iteration": 0, "mb": 0, "attempt": 0, "kind": "x"}, {"t": x}))
+
+
+def test_a_stage_node_behind_ends_its_iterations_once_the_data_nodes_left_after_the_run():
+    """The run's end: the data nodes finished and left while a stage node was behind (it restored
+    late); it reduces its remaining iterations at once instead of waiting out done_timeout_s for
+    each, and still waits for an iteration no data node finished."""
+    stage = worker(1)
+    stage.settings = dataclasses.replace(stage.settings, done_timeout_s=60.0)
+    stage.swarm.live = [Peer(DATA, "data", 0, None, "ONLINE")]
+
+    async def go():
+        await stage._on_done(DATA, {"iteration": 2}, {})
+        stage.swarm.live = []  # it left
+        for k in (1, 2):
+            await asyncio.wait_for(stage._wait_done(k, asyncio.Event()), 5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stage._wait_done(3, asyncio.Event()), 3)
+
+    asyncio.run(go())
+    # its pp.done missed this node: the last heartbeat of the data node that left says how far it got
+    late = worker(1)
+    late.settings = dataclasses.replace(late.settings, done_timeout_s=60.0)
+    late.swarm.left = [Peer(DATA, "data", 0, None, "LEAVING", metrics={"iteration": 3.0})]
+    asyncio.run(asyncio.wait_for(late._wait_done(2, asyncio.Event()), 10))
+
+
+def test_the_memory_slots_of_a_data_node_that_is_gone_are_freed():
+    """A data node killed mid-iteration leaves forwards that will see no backward: they no longer
+    hold the stage's memory (refusing the other data nodes) once the view has lost it, and the node
+    back under the same id gets its first forward computed, not "taken already"."""
+    stage = worker(1)  # memory: 2 microbatches
+    data = Peer(DATA, "data", 0, None, "ONLINE")
+    stage.swarm.live = [data]
+    x = torch.randn(2, 16, 64)
+
+    async def go():
+        await stage._replicas()
+        for mb in (0, 1):
+            await stage._on_forward(DATA, hop(mb), {"x": x})
+        await settle(stage)
+        with pytest.raises(PipelineError, match="memory full"):
+            await stage._on_forward(DATA, hop(2), {"x": x})
+        stage.swarm.live = []  # it died
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stage._wait_done(0, asyncio.Event()), 1)
+        assert not stage._cache
+        stage.swarm.live = [data]  # back, same id
+        stage.swarm.calls.clear()
+        await stage._on_forward(DATA, hop(0), {"x": x})
+        await settle(stage)
+        assert len(stage._cache) == 1 and [c[1] for c in stage.swarm.calls] == ["pp.arrive"]
+        # one never seen as a data node (joining now) keeps its microbatches while the view lags
+        newcomer = b"\x09" * 32
+        await stage._on_forward(newcomer, {**hop(1), "origin": newcomer}, {"x": x})
+        stage.swarm.live = []
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(stage._wait_done(0, asyncio.Event()), 1)
+        assert [key[1] for key in stage._cache] == [newcomer]
+
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("policy", ["skip", "full", "random_skip"])

@@ -619,19 +619,37 @@ class PipelineWorker:
             if self.me in self.guard.bans:
                 return
             data_nodes = set((await self._replicas()).get(0, []))
+            self._free_slots_of_gone(data_nodes)
             if data_nodes and all(self._done_upto.get(d, -1) >= k for d in data_nodes):
+                return
+            if not data_nodes and any(done >= k for done in self._done_upto.values()):
+                # every data node is gone, and one finished k before it went (the run's end: they
+                # left after their last iteration while this node was behind): no one will send more
+                # for k, so waiting out the timeout would only keep the run from ending
                 return
             self._done_event.clear()
             try:
                 await asyncio.wait_for(self._done_event.wait(), self.settings.retry_s * 4)
             except TimeoutError:
                 # a pp.done can miss us (we joined after it was sent): a data node whose heartbeat
-                # says it is past iteration k has finished it
-                for p in await self.swarm.peers():
-                    if p.stage == 0 and p.metrics.get("iteration", 0) > k:
+                # says it is past iteration k has finished it, also one that has left since
+                for p in await self.swarm.peers(live_only=False):
+                    if p.stage == 0 and p.state != "DEAD" and p.metrics.get("iteration", 0) > k:
                         self._mark_done(p.id, k)
         if not self._rollback_pending() and self.me not in self.guard.bans:
             logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
+
+    def _free_slots_of_gone(self, data_nodes: set[bytes]) -> None:
+        """Microbatches of a data node that is gone will see no backward: their memory slots would
+        refuse the other data nodes' forwards until the iteration ends (which waits for those), and a
+        data node restarted under the same id would find its first forwards "taken already". A node
+        that was never seen as a data node (one joining now) keeps its microbatches."""
+        gone = [key for key in self._cache if key[1] not in data_nodes and self._stage_of.get(key[1]) == 0]
+        for key in gone:
+            del self._cache[key]
+            self._slots.release()
+        if gone:
+            logger.info("freed %d memory slot(s) of microbatches whose data node is gone", len(gone))
 
     def _mark_done(self, data_node: bytes, k: int) -> None:
         if k > self._done_upto.get(data_node, -1):
