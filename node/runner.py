@@ -82,14 +82,32 @@ class MembershipView:
     events: deque = field(default_factory=lambda: deque(maxlen=256))
     failed_rpcs: dict[bytes, int] = field(default_factory=dict)  # consecutive failed calls per peer
     last_failure: dict[bytes, float] = field(default_factory=dict)
+    failed_life: dict[bytes, tuple] = field(default_factory=dict)  # what the peer announced when calls began to fail
 
     def rpc_failed(self, peer: bytes, now: float) -> None:
         self.failed_rpcs[peer] = self.failed_rpcs.get(peer, 0) + 1
         self.last_failure[peer] = now
+        member = self.members.get(peer)
+        if member is not None:
+            self.failed_life.setdefault(peer, life_of(member.announcement))
 
     def rpc_succeeded(self, peer: bytes) -> None:
         self.failed_rpcs.pop(peer, None)
         self.last_failure.pop(peer, None)
+        self.failed_life.pop(peer, None)
+
+    def restarted_since_failing(self, peer: bytes, announced: tuple[float, NodeAnnouncement] | None) -> bool:
+        """The peer announced itself after its calls failed, as another life: a node restarted under its
+        old key (killed, then back from its data dir) is reachable again at once, not after a cool-down."""
+        if announced is None or peer not in self.last_failure or announced[0] <= self.last_failure[peer]:
+            return False
+        announcement = announced[1]
+        return announcement.state == NodeState.JOINING or life_of(announcement) != self.failed_life.get(peer)
+
+
+def life_of(announcement: NodeAnnouncement) -> tuple:
+    """What changes when a node process starts again: its libp2p addresses, its role and stage."""
+    return announcement.peer_id, tuple(announcement.maddrs), announcement.role, announcement.stage
 
 
 class Node:
@@ -350,7 +368,8 @@ class Node:
         for peer, failed_at in list(self.view.last_failure.items()):
             # Heartbeats alone do not clear failed calls (a node can heartbeat yet refuse every stream);
             # after a cool-down the peer gets another chance.
-            if now - failed_at > self.timeouts.announce_ttl_s:
+            if now - failed_at > self.timeouts.announce_ttl_s or \
+                    self.view.restarted_since_failing(peer, announcements.get(peer)):
                 self.view.rpc_succeeded(peer)
         members = derive_members(announcements, heartbeats, now, self.timeouts.heartbeat_ttl_s,
                                  self.view.failed_rpcs, self.timeouts.rpc_failures_for_dead)

@@ -1,6 +1,7 @@
 """The node's pure logic: configuration precedence, membership states and events, role choice, identity files."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 
@@ -187,6 +188,27 @@ def test_dead_after_repeated_rpc_failures():
 
 
 K1, K2, K3, K4 = (bytes([i]) * 32 for i in range(1, 5))
+
+
+def test_a_peer_dead_by_failed_calls_is_live_again_once_it_announces_another_life():
+    """Killed, then back from its data dir under the same key: its calls failed, but its new
+    announcement (JOINING, or new addresses or another stage) clears them at once, not after the
+    cool-down; the same life announcing again does not (it may heartbeat yet refuse every stream)."""
+    from node.runner import MembershipView
+
+    old = dataclasses.replace(announcement(), maddrs=["/ip4/127.0.0.1/tcp/4001"])
+    members = derive_members({K1: (NOW - 5, old)}, {}, NOW, TTL)
+    view = MembershipView(members=members)
+    for _ in range(3):
+        view.rpc_failed(K1, NOW - 2)
+    assert not view.restarted_since_failing(K1, (NOW - 1, old))  # the same life, re-announced
+    assert not view.restarted_since_failing(K1, (NOW - 3, dataclasses.replace(old, stage=2)))  # from before
+    for life in (dataclasses.replace(old, state=NodeState.JOINING), dataclasses.replace(old, stage=2),
+                 dataclasses.replace(old, maddrs=["/ip4/127.0.0.1/tcp/4002"])):
+        assert view.restarted_since_failing(K1, (NOW - 1, life)), life
+    assert not view.restarted_since_failing(K2, (NOW - 1, old))  # never failed
+    view.rpc_succeeded(K1)
+    assert K1 not in view.failed_life and not view.restarted_since_failing(K1, (NOW, dataclasses.replace(old, stage=2)))
 
 
 def test_derive_members_ignores_heartbeats_without_announcement():
