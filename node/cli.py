@@ -514,8 +514,16 @@ def cmd_node(args: argparse.Namespace) -> int:
             await node.run(stop)
             if task.done():
                 task.result()  # a failed worker's error reaches the user
-            else:
+                return
+            # stopped from outside (SIGTERM): a moment to end its step and write its report
+            await asyncio.wait({task}, timeout=config.timeouts.leave_grace_s)
+            if not task.done():
                 task.cancel()
+                # its own clean-up (a pipeline worker writes its report), bounded
+                await asyncio.wait({task}, timeout=config.timeouts.leave_grace_s)
+            elif not task.cancelled() and task.exception() is not None:
+                # the node had left and closed its connections: what failed then is no error of the run
+                logger.warning("the worker ended with an error while the node stopped: %s", task.exception())
 
         asyncio.run(serve())
     finally:

@@ -225,43 +225,59 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
     first = True
     recoveries: list[dict] = []  # how this node took the state of each stage it served mid-run
     moves: list[list[int]] = []  # [from stage, to stage] each time the leader moved this node
-    while True:
-        served = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
-                                    (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare,
-                                    snapshots)
-        if served is None:  # a spare found its stage served by the time it restored: back to waiting
-            taken = await next_job()
-            if taken is None:
-                _spare_report(node, report_path)
-                stop.set()
-                return
-            stage, lost_at, claimed_at = taken
-            continue
-        worker, leader, report = served
-        spare = False
-        first = False
-        node.serving = False
-        if report.moved_to is None or stop.is_set():
-            break
-        moves.append([stage, report.moved_to])
-        stage, lost_at, claimed_at = report.moved_to, report.moved_lost_at, time.time()
-        # no longer counted as a replica of the old stage (data nodes: no pp.done to wait for) while it restores
-        node.role = RoleChoice(Role.SPARE, None, f"moving to lost stage {stage}")
-        await node.announce(NodeState.ONLINE)
+    serving: list = []  # the stage's worker and leader while it serves: a cancelled node reports them
+    try:
+        while True:
+            served = await _serve_stage(node, swarm, stage, stop, fault, keep_recovery_inputs,
+                                        (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare,
+                                        snapshots, serving)
+            if served is None:  # a spare found its stage served by the time it restored: back to waiting
+                taken = await next_job()
+                if taken is None:
+                    _spare_report(node, report_path)
+                    stop.set()
+                    return
+                stage, lost_at, claimed_at = taken
+                continue
+            worker, leader, report = served
+            spare = False
+            first = False
+            node.serving = False
+            if report.moved_to is None or stop.is_set():
+                break
+            moves.append([stage, report.moved_to])
+            stage, lost_at, claimed_at = report.moved_to, report.moved_lost_at, time.time()
+            # no longer counted as a replica of the old stage (data nodes: no pp.done to wait for) while it restores
+            node.role = RoleChoice(Role.SPARE, None, f"moving to lost stage {stage}")
+            await node.announce(NodeState.ONLINE)
+    except asyncio.CancelledError:
+        # stopped (SIGTERM) in the middle of an iteration: what it did so far is still reported
+        if report_path is not None and serving:
+            _write_report(report_path, node, stage, *serving, recoveries, moves)
+        elif report_path is not None:
+            _spare_report(node, report_path)
+        raise
     if report_path is not None:
-        out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
-               "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
-               "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
-               "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
-               "plans": report.plans, "published": leader.published, "phases": report.phases,
-               "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0,
-               "grad_norms": report.grad_norms, "first_iteration": report.first_iteration,
-               "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log,
-               "rollbacks": report.rollbacks, "bans": report.bans, "excluded": report.excluded,
-               "refused": report.refused, "banned": report.banned,
-               "weights_finite": all(bool(torch.isfinite(t).all()) for t in worker.module.state_dict().values())}
-        write_json(report_path, out)
+        _write_report(report_path, node, stage, worker, leader, recoveries, moves)
     stop.set()
+
+
+def _write_report(report_path: Path, node: Node, stage: int, worker: PipelineWorker, leader: Leader,
+                  recoveries: list[dict], moves: list[list[int]]) -> None:
+    """What the node did, for the harness and benchmarks (also from a node stopped mid-iteration)."""
+    report = worker.report
+    out = {"node": node.id, "stage": stage, "iterations": report.iterations, "losses": report.losses,
+           "hashes": report.hashes, "planned": report.planned, "executed": report.executed,
+           "served": report.served, "rerouted": report.rerouted, "skipped": report.skipped,
+           "resyncs": report.resyncs, "seconds": report.seconds, "compute_s": report.compute_s,
+           "plans": report.plans, "published": leader.published, "phases": report.phases,
+           "tokens": report.tokens, "bytes_sent": node.rpc.stats.sent if node.rpc else 0,
+           "grad_norms": report.grad_norms, "first_iteration": report.first_iteration,
+           "recoveries": recoveries, "moves": moves, "stage_log": leader.recovery_log,
+           "rollbacks": report.rollbacks, "bans": report.bans, "excluded": report.excluded,
+           "refused": report.refused, "banned": report.banned,
+           "weights_finite": all(bool(torch.isfinite(t).all()) for t in worker.module.state_dict().values())}
+    write_json(report_path, out)
 
 
 def _spare_report(node: Node, report_path: Path | None) -> None:
@@ -273,7 +289,7 @@ def _spare_report(node: Node, report_path: Path | None) -> None:
 async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: asyncio.Event, fault: str | None,
                        keep_recovery_inputs: Path | None, job: tuple[float | None, float | None], first: bool,
                        started: float, recoveries: list[dict], checkpoint_dir: Path | None,
-                       as_spare: bool, snapshots: tuple[Path, int] | None
+                       as_spare: bool, snapshots: tuple[Path, int] | None, serving: list
                        ) -> tuple[PipelineWorker, Leader, PipelineReport] | None:
     """Serve ``stage`` until the run ends or the leader moves us; None when a spare found the stage
     served already by the time it would restore it (it stays a spare)."""
@@ -299,6 +315,7 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
         period_s=node.timeouts.heartbeat_interval_s * 2, policy=pipe.schedule, move_after_s=pipe.move_after_s,
         checkpoint_root=checkpoint_dir if pipe.recovery == "checkpoint" else None), stage)
     leader.excluded = worker.guard.bans
+    serving[:] = [worker, leader]
     if snapshots is not None:
         worker.snapshot_root, worker.snapshot_every = snapshots
     if pipe.recovery == "checkpoint":
