@@ -45,6 +45,7 @@ HASH_HISTORY = 8
 STEP_METRIC = "zo_step"  # heartbeat metric: the node's head step
 MAX_PENDING_STEPS = 4  # steps ahead of ours whose contributions a committer buffers
 STALL_S = 1.5  # a committer whose wait loop stood still this much longer than it waits drops the step
+NOT_COMMITTER = "this node is not the committer"  # a zo.contribute refusal: it holds none of the step's bytes
 
 
 class ZOError(RuntimeError):
@@ -119,6 +120,8 @@ class ZOWorker:
         self._arrived = asyncio.Event()
         self._pending: dict[int, dict[tuple[bytes, int], Contribution]] = {}
         self._own: dict[int, list[bytes]] = {}
+        self._gave: dict[int, list[bytes]] = {}  # step -> the committers our contribution went to, in order
+        self._kept_from: dict[int, bytes] = {}  # step -> the committer it was kept from (logged once)
         self._needs_sync = True  # a committer first adopts the longest log among live peers
         self._resync_from: bytes | None = None
         self._hash_task: asyncio.Task | None = None
@@ -204,6 +207,11 @@ class ZOWorker:
                              commit.step)
         self.report.steps_applied += 1
         self._own.pop(commit.step, None)
+        if commit.committer != self.me:
+            self._pending.clear()  # another leads: what we held for later steps is not ours to seal
+        for step in [s for s in self._gave if s <= commit.step]:
+            del self._gave[step]
+            self._kept_from.pop(step, None)
         self._pending.pop(commit.step, None)
         for step in [s for s in self._inbox if s <= commit.step]:
             del self._inbox[step]
@@ -240,6 +248,10 @@ class ZOWorker:
         """The signer of our last commit while it is live, else the live node with the smallest id;
         never a banned node (a committer that bans itself hands over)."""
         banned = set(self.log.banned)
+        if self.me not in banned and any(sender != self.me for sender, _ in self._pending.get(self.log.head_step, {})):
+            # we took other nodes' contributions for this step: they stay with us (see _given_elsewhere)
+            # until we seal the step or let them go, so we lead it even if the last signer came back
+            return self.me
         live = ({p.id for p in await self._live_peers(fresh)} | {self.me}) - banned
         last = self._last_committer()
         if last is not None and last in live:
@@ -320,14 +332,44 @@ class ZOWorker:
             qs.append(self.tamper(q, others) if self.tamper is not None else q)
         return qs
 
+    async def _given_elsewhere(self, step: int, committer: bytes) -> bytes | None:
+        """A live node other than ``committer`` that already has our contribution for ``step``.
+
+        Our committer is the signer of our last commit while it is live, so one that stood still
+        past the heartbeat TTL (frozen) and comes back is our committer again; but we may have given
+        this step's contribution to the node the swarm failed over to meanwhile. Giving it to both
+        would let each seal the step with a quorum: two commits for one step, a fork. So a node
+        moves its contribution for a step on to another committer only when the one it gave it to
+        is no longer live, and never back."""
+        gave = [c for c in self._gave.get(step, []) if c != committer]
+        if not gave:
+            return None
+        live = {p.id for p in await self._live_peers()}
+        return next((c for c in reversed(gave) if c in live), None)
+
     async def _follow(self, step: int, committer: bytes, stop: asyncio.Event) -> None:
         banned = self.me in self.log.banned
         contribs = [] if banned else await self._contributions(step)
+        holder = await self._given_elsewhere(step, committer) if contribs else None
+        target = holder or committer
+        if contribs:
+            gave = self._gave.setdefault(step, [])
+            if holder is not None and self._kept_from.get(step) != committer:
+                self._kept_from[step] = committer
+                logger.info("step %d: our contribution went to %s, which is live: it stays there (not given to "
+                            "%s too) unless that node lets it go", step, holder.hex()[:16], committer.hex()[:16])
+            if not gave or gave[-1] != target:
+                gave.append(target)
         if step not in self._inbox and not banned and contribs:
             try:
-                result, _ = await self.swarm.call(committer, "zo.contribute", {"contribs": contribs})
+                result, _ = await self.swarm.call(target, "zo.contribute", {"contribs": contribs})
                 self.report.late += int(result.get("late", 0)) if isinstance(result.get("late"), int) else 0
             except SwarmCallError as error:
+                if holder is not None and NOT_COMMITTER in str(error):
+                    # it does not lead this step (so it holds no one's contribution for it): ours is
+                    # free to go to the committer
+                    self._gave[step] = [c for c in self._gave[step] if c != holder]
+                    return
                 logger.info("step %d: contribution to the committer failed: %s", step, error)
                 await self.swarm.peers(role=ROLE, fresh=True)
                 await _wait(stop, self.retry_s)
@@ -348,7 +390,7 @@ class ZOWorker:
         if step in self._inbox:
             await self._apply(self._inbox[step])
             return
-        if self.log.head_step == step and not await self._pull_from(committer):
+        if self.log.head_step == step and not await self._pull_from(holder or committer):
             await self.swarm.peers(role=ROLE, fresh=True)
             await self._pull_from_any()
 
@@ -409,8 +451,9 @@ class ZOWorker:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 if len(senders) < required:
-                    logger.warning("step %d: contributions from %d node(s), a commit needs %d; not committing",
-                                   step, len(senders), required)
+                    logger.warning("step %d: contributions from %d node(s), a commit needs %d; not committing, "
+                                   "and letting them go", step, len(senders), required)
+                    self._pending.pop(step, None)  # their senders may give them to another committer now
                     self._needs_sync = True  # perhaps the others follow another committer: look again
                     return
                 logger.info("step %d closed without %d live node(s)", step, len(live - senders))
@@ -705,7 +748,7 @@ class ZOWorker:
         if sender not in live:
             raise ProtocolError("only live zo members of the run may contribute")
         if await self.committer() != self.me:
-            raise ProtocolError("this node is not the committer")
+            raise ProtocolError(NOT_COMMITTER)
         if sender in self.log.banned:
             raise ProtocolError("this node is banned from the run's commits (its scalars were outliers again and "
                                 "again); its contributions are not taken")
