@@ -212,7 +212,9 @@ class ExpertWorker:
         # off the event loop: the model is built and the first optimizer imports torch._dynamo
         trainer = await asyncio.to_thread(ExpertTrainer, job, seed=init_seed(s.run_seed, job.data_key), device=s.device)
         stint = {"job": job.index, "name": job.name, "start_step": 0, "resumed_from": None, "started_at": time.time()}
-        board = self.board
+        # the board as it is now: building the trainer took a while, and a peer may have checkpointed
+        # the job further meanwhile (starting from the board read before would lose those steps)
+        board = await self.read_board() or self.board
         view = board.jobs[job.index] if board is not None else None
         latest = view.latest if view is not None else None
         start = view.available if view is not None else None
