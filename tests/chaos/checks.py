@@ -363,11 +363,14 @@ def pipeline_nothing_lost(result: ChaosResult, stages: int, iterations: int | No
     split = []
     for s, names in finished.items():
         hashes = [dict((k, h) for k, h in reports[n]["hashes"]) for n in names]
-        common = set.intersection(*(set(h) for h in hashes)) if hashes else set()
-        ends = {h[max(common)] for h in hashes} if common else set()
-        if len(ends) > 1:
-            split.append(f"stage {s}: its {len(names)} replicas hold {len(ends)} different weights after "
-                         f"iteration {max(common)}")
+        common = sorted(set.intersection(*(set(h) for h in hashes))) if hashes else []
+        # a finished run: at its last iteration. Stopped nodes (a soak) may be cut off in the middle of
+        # their last reduce (one replica stepped, the other not), so there: at one of the last few
+        ends = common[-1:] if iterations is not None else common[-(IN_FLIGHT + 1):]
+        if ends and not any(len({h[k] for h in hashes}) == 1 for k in ends):
+            split.append(f"stage {s}: its {len(names)} replicas hold {len({h[ends[-1]] for h in hashes})} different "
+                         f"weights after iteration {ends[-1]}" + (f" (and after {ends[0]}..{ends[-2]})" if len(ends) > 1
+                                                                 else ""))
     checks.append(_check("the replicas of every stage agree at the end", split))
 
     problems, seen = [], 0
@@ -428,21 +431,23 @@ def experts_stints(procs: list[NodeProc]) -> list[Stint]:
     return out
 
 
-def _kept_steps(procs: list[NodeProc]) -> dict[str, list[tuple[float, str, int]]]:
-    """Node name -> (when, job, step) of every checkpoint it made, copied, or found in its store
-    (a node keeps the latest of each job on its disk, across its lives)."""
-    out: dict[str, list[tuple[float, str, int]]] = {}
+def _kept_steps(procs: list[NodeProc]) -> dict[str, list[tuple[float, str, int, int]]]:
+    """Node name -> (when, job, step, life) of every checkpoint it made, copied, or found in its
+    store (a node keeps the latest of each job on its disk, across its lives; a restarted life says
+    what it found there before it names it to its peers)."""
+    out: dict[str, list[tuple[float, str, int, int]]] = {}
     for proc in procs:
         for line in proc.messages():
             match = EX_CHECKPOINT.fullmatch(line.message) or _EX_COPIED.fullmatch(line.message) \
                 or _EX_RECALLED.fullmatch(line.message)
             if match:
-                out.setdefault(proc.name, []).append((line.at, match[1], int(match[2])))
+                out.setdefault(proc.name, []).append((line.at, match[1], int(match[2]), proc.life))
     return out
 
 
-def _live_at(result: ChaosResult, name: str, t: float, settle_s: float) -> bool:
-    """A life of ``name`` ran all through [t - settle_s, t], neither frozen nor cut off then."""
+def _live_at(result: ChaosResult, name: str, t: float, settle_s: float) -> int | None:
+    """The life of ``name`` that ran all through [t - settle_s, t], neither frozen nor cut off then
+    (None if none did)."""
     for proc in result.lives(name):
         end = proc.ended_at if proc.ended_at is not None else float("inf")
         if not proc.started_at <= t - settle_s or end <= t:
@@ -455,10 +460,10 @@ def _live_at(result: ChaosResult, name: str, t: float, settle_s: float) -> bool:
                 since = event.at
             elif event.kind in ("end-freeze", "end-partition") and since is not None:
                 if since < t and event.at > t - settle_s:
-                    return False
+                    return None
                 since = None
-        return not (since is not None and since < t)
-    return False
+        return None if since is not None and since < t else proc.life
+    return None
 
 
 def experts_nothing_lost(result: ChaosResult, steps: dict[str, int] | None, ttl_s: float) -> list[Check]:
@@ -506,8 +511,12 @@ def experts_nothing_lost(result: ChaosResult, steps: dict[str, int] | None, ttl_
     for stint in stints:
         live_best = 0
         for name, items in kept.items():
-            steps_kept = [step for at, job, step in items if job == stint.job and at <= stint.at - ttl_s]
-            if steps_kept and (name == stint.node or _live_at(result, name, stint.at, ttl_s)):
+            # its own disk counts across its lives; another node's, from when its life then said it
+            # holds it (a restarted node's peers learn its store only once it says so)
+            life = None if name == stint.node else _live_at(result, name, stint.at, ttl_s)
+            steps_kept = [step for at, job, step, of in items
+                          if job == stint.job and at <= stint.at - ttl_s and (name == stint.node or of == life)]
+            if steps_kept and (name == stint.node or life is not None):
                 live_best = max(live_best, max(steps_kept))
         resumed["from step 0" if stint.start_step == 0 else stint.source.split(" ")[0] if stint.source else "?"] += 1
         if stint.start_step < live_best:

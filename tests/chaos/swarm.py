@@ -81,6 +81,9 @@ class ChaosOptions:
     # node is back at work (at most drain_s), let it run settle_s more, then stop the nodes (SIGTERM:
     # they write their reports) instead of waiting for the run's last step
     stop_after_s: float | None = None
+    # a short chaos run that does not depend on the machine's speed: a run of many steps, stopped
+    # like a soak once every fault of the schedule was injected (or skipped) and has ended
+    stop_when_done: bool = False
     drain_s: float = 180.0
     settle_s: float = 15.0
 
@@ -375,8 +378,9 @@ class ChaosSwarm:
             stopped = False
             while True:
                 now = time.time()
-                if (self.options.stop_after_s is not None and draining_since is None
-                        and now - opened >= self.options.stop_after_s):
+                done = self.options.stop_when_done and not pending and not self._endings and not self._restarts
+                if draining_since is None and (done or (self.options.stop_after_s is not None
+                                                        and now - opened >= self.options.stop_after_s)):
                     draining_since = now
                     skipped.extend(pending)
                     pending = []
