@@ -35,17 +35,69 @@ def test_non_finite_activations_ban_at_once_and_outliers_after_two_strikes_in_a_
     assert BAD in guard.bans
     assert "banned" in guard.check(BAD, 1, "x", acts())  # nothing more is taken from it
     # a replica whose outputs are 20 x its stage mate's and the running scale: refused, and banned
-    # at its second outlier in a row (too small counts too)
+    # at its second outlier in a row, in another iteration (too small counts too): outliers of one
+    # iteration are one strike, as its microbatches share a cause
     reason = guard.check(DATA, 1, "x", acts(20.0, seed=5), iteration=1)
     assert "20 x the scale" in reason.replace("19.9", "20").replace("20.1", "20") or "x the scale" in reason
+    assert guard.check(DATA, 1, "x", acts(25.0, seed=4), iteration=1) is not None
     assert DATA not in guard.bans
-    assert guard.check(DATA, 1, "x", acts(0.01, seed=6), iteration=1) is not None and DATA in guard.bans
+    guard.check(MATE, 1, "x", acts(1.0, seed=3), iteration=2)
+    assert guard.check(DATA, 1, "x", acts(0.01, seed=6), iteration=2) is not None and DATA in guard.bans
     # an accepted tensor clears the strikes: outliers now and then are refused, never banned
     other = bytes([7]) * 32
     for i in range(3):
         assert guard.check(other, 1, "x", acts(30.0, seed=i), iteration=1) is not None
         assert guard.check(other, 1, "x", acts(1.0, seed=i), iteration=1) is None
     assert other not in guard.bans
+
+
+def test_activations_scaled_upstream_are_blamed_on_the_node_that_scaled_them_not_the_last_hop():
+    """A data node sees stage 2's outputs; a Byzantine stage-1 replica's 20 x outputs stay 20 x through
+    the honest stage-2 replica after it (the residual stream). The last hop is not blamed while it is
+    the one node of the route vouched for by accepted activations; when the route gives no single
+    suspect, the tensor is refused and no one gets a strike."""
+    guard = Guard(GuardSettings(factor=8.0, warmup=4))
+    h1, s1, h2, s2 = (bytes([i]) * 32 for i in (11, 12, 13, 14))  # stage 1: h1 honest, s1 Byzantine
+    for i in range(4):  # iterations 0-1: every route honest
+        assert guard.check(h2, 2, "x", acts(1.0, seed=i), iteration=i // 2, upstream=(s1,)) is None
+        assert guard.check(s2, 2, "x", acts(1.0, seed=10 + i), iteration=i // 2, upstream=(h1,)) is None
+    # iteration 2: s1 scales its outputs; s1 and h2 were both vouched for in iteration 1: no suspect
+    assert guard.check(s2, 2, "x", acts(1.0, seed=19), iteration=2, upstream=(h1,)) is None
+    reason = guard.check(h2, 2, "x", acts(20.0, seed=20), iteration=2, upstream=(s1,))
+    assert reason is not None and "no strike" in reason
+    # iterations 3 and 4: h2 delivers honest activations from h1; s1 vouched for by nothing since
+    # iteration 1: it is blamed, in both, and banned; h2 never is
+    for k in (3, 4):
+        assert guard.check(s2, 2, "x", acts(1.0, seed=20 + k), iteration=k, upstream=(h1,)) is None
+        assert guard.check(h2, 2, "x", acts(1.0, seed=21 + k), iteration=k, upstream=(h1,)) is None
+        reason = guard.check(h2, 2, "x", acts(20.0, seed=30 + k), iteration=k, upstream=(s1,), ident=(k, 0, 0))
+        assert reason is not None and "which came through " + s1.hex()[:16] in reason
+    assert s1 in guard.bans and h2 not in guard.bans and guard.check(s2, 2, "x", acts(1.0, seed=30), iteration=4,
+                                                                     upstream=(h1,)) is None
+    # a route where both nodes are suspects (a steady schedule: h3 only ever after s3): refused, no strike
+    lone = Guard(GuardSettings(factor=8.0, warmup=4))
+    h3, s3 = bytes([15]) * 32, bytes([16]) * 32
+    for i in range(4):
+        assert lone.check(s2, 2, "x", acts(1.0, seed=40 + i), iteration=i // 2, upstream=(h1,)) is None
+    for k in range(2, 6):
+        assert lone.check(s2, 2, "x", acts(1.0, seed=45 + k), iteration=k, upstream=(h1,)) is None
+        assert "no strike" in lone.check(h3, 2, "x", acts(20.0, seed=50 + k), iteration=k, upstream=(s3,))
+    assert not lone.bans
+    # the one suspect of its route (here the last hop, after a vouched-for one) is still banned
+    for k in (7, 8):
+        assert lone.check(s2, 2, "x", acts(1.0, seed=60 + k), iteration=k, upstream=(h1,)) is None
+        assert lone.check(s3, 2, "x", acts(20.0, seed=70 + k), iteration=k, upstream=(h1,)) is not None
+    assert s3 in lone.bans and h1 not in lone.bans
+    # a stage node takes the route on the sender's word: it may clear the sender, never blame another
+    word = Guard(GuardSettings(factor=8.0, warmup=4))
+    for i in range(4):
+        assert word.check(h2, 2, "x", acts(1.0, seed=80 + i), iteration=2, upstream=(h1,), blame_upstream=False) is None
+    assert word.check(s2, 2, "x", acts(1.0, seed=90), iteration=4, upstream=(h1,), blame_upstream=False) is None
+    assert word.check(h2, 2, "x", acts(1.0, seed=95), iteration=4, upstream=(h1,), blame_upstream=False) is None
+    for m in range(3):
+        reason = word.check(h2, 2, "x", acts(20.0, seed=91 + m), iteration=4, upstream=(s1,), blame_upstream=False)
+        assert "no strike" in reason
+    assert not word.bans
 
 
 def test_a_refused_tensor_sent_again_is_one_strike_not_two():
@@ -60,8 +112,9 @@ def test_a_refused_tensor_sent_again_is_one_strike_not_two():
     first = guard.check(MATE, 2, "grad", outlier, iteration=4, ident=("arrive", 4, 1, 0))
     assert first is not None and guard.check(MATE, 2, "grad", outlier, iteration=4, ident=("arrive", 4, 1, 0)) == first
     assert MATE not in guard.bans
-    # another tensor that is off the scale too is the second strike
-    assert guard.check(MATE, 2, "grad", acts(1e-3 * 40, seed=7), iteration=4, ident=("arrive", 4, 2, 0)) is not None
+    # another tensor that is off the scale too, in the next iteration, is the second strike
+    assert guard.check(other, 2, "grad", acts(1e-3, seed=8), iteration=5, ident=("arrive", 5, 0, 0)) is None
+    assert guard.check(MATE, 2, "grad", acts(1e-3 * 40, seed=7), iteration=5, ident=("arrive", 5, 2, 0)) is not None
     assert MATE in guard.bans
 
 
@@ -295,7 +348,8 @@ def test_garbage_gradients_from_the_only_replica_a_data_node_sees_are_refused():
     for i in range(2):
         assert guard.check(MATE, 1, "grad", acts(0.05, seed=30 + i), iteration=3, path=(1, 2)) is None
     assert "no strike" not in guard.check(BAD, 1, "grad", acts(50.0, seed=40), iteration=3, path=(1, 2))
-    assert guard.check(BAD, 1, "grad", acts(50.0, seed=41), iteration=3, path=(1, 2)) is not None
+    assert guard.check(MATE, 1, "grad", acts(0.05, seed=32), iteration=4, path=(1, 2)) is None
+    assert guard.check(BAD, 1, "grad", acts(50.0, seed=41), iteration=4, path=(1, 2)) is not None
     assert BAD in guard.bans
 
 

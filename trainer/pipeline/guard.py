@@ -25,9 +25,11 @@ transport), before computing with it:
   other, not averaged together. A replica checks the reducer's averaged gradient against its own,
   with 2f: the reducer took contributions within f of its own, so an honest average can be about
   f off a replica whose paths gave it small gradients, while garbage stays far above.
-A tensor that fails is refused (or left out of the average) and its sender gets a strike;
+A tensor that fails is refused (or left out of the average) and its sender gets a strike (an
+activation outlier that came through other nodes: the one node of the route no accepted
+activations came through lately, or nobody; see ``Guard._culprit``);
 non-finite values ban at once, outliers at ``strikes`` in a row (an accepted tensor clears them;
-one tensor sent again is no second strike). When the worker sees a replica it did not see at its
+one tensor sent again is no second strike, nor is a second outlier of the same iteration). When the worker sees a replica it did not see at its
 last look (a lost stage served again by rebuilt weights, which move every scale along the paths;
 a newcomer), the scales start afresh (``forget_scales``).
 What the guard sees is only what this node received; the worker shares its bans through a record
@@ -70,16 +72,24 @@ class Guard:
     _strikes: dict[bytes, int] = field(default_factory=dict)  # outliers in a row
     _adopted: set[bytes] = field(default_factory=set)
     _refused: dict[tuple, str] = field(default_factory=dict)  # (sender, what the tensor is) -> why, oldest first
+    _vouched: dict[bytes, int] = field(default_factory=dict)  # node -> last iteration an accepted x came through it
+    _struck_in: dict[bytes, int] = field(default_factory=dict)  # node -> the iteration of its last strike
 
     def check(self, sender: bytes, stage: int, kind: str, t: torch.Tensor, iteration: int = 0,
-              path: tuple[int, ...] | None = None, ident: tuple | None = None) -> str | None:
+              path: tuple[int, ...] | None = None, ident: tuple | None = None,
+              upstream: tuple[bytes, ...] = (), blame_upstream: bool = True) -> str | None:
         """None when ``t`` (of ``kind``, from ``sender`` serving ``stage``, in ``iteration``) is
         acceptable; otherwise why not. Accepted tensors join the running scale. ``path``: the stages
         the tensor came through, when this node knows them itself (a data node's gradients: the path
         its microbatch visited); tensors of different paths have scales of their own, as skipping a
         stage changes the scale of the gradient that flows back (30x in a multi-process run).
         ``ident``: what the tensor is (iteration, microbatch, attempt); the same one sent again (a
-        retried delivery) is refused again without another strike: one tensor is one offence."""
+        retried delivery) is refused again without another strike: one tensor is one offence.
+        ``upstream``: the nodes activations passed through before ``sender`` (the route's
+        ``visited``): an outlier is then blamed on the one node of the route that no accepted
+        activations came through in this iteration or the one before, or on nobody when that is
+        not one node (see ``_culprit``). The route is the sender's word: with ``blame_upstream``
+        off (a stage node, which cannot check it) it only clears the sender, never blames another."""
         if not self.settings.enabled:
             return None
         if sender in self.bans:
@@ -127,7 +137,17 @@ class Guard:
             mine.append(rms)
             every.append(rms)
         elif reason:
-            reason = self._offence(sender, f"{_NAMES[kind]} from stage {stage} with RMS {rms:.3g}, {reason}")
+            reason = f"{_NAMES[kind]} from stage {stage} with RMS {rms:.3g}, {reason}"
+            culprit = self._culprit(sender, upstream, iteration) if kind == "x" and upstream else sender
+            if culprit is None or (culprit != sender and not blame_upstream):
+                reason += " (it came through other nodes, and which one made it so cannot be told: no strike)"
+                logger.info("refused a tensor of %s: %s", sender.hex()[:16], reason)
+            elif culprit != sender:
+                reason = self._offence(culprit, f"{reason}, which came through {culprit.hex()[:16]} (the one node "
+                                                f"of its route that no accepted activations came through lately)",
+                                       iteration=iteration)
+            else:
+                reason = self._offence(sender, reason, iteration=iteration)
         if reason:
             if ident is not None:
                 self._refused[(sender, kind, ident)] = reason
@@ -137,7 +157,25 @@ class Guard:
         self._strikes.pop(sender, None)
         mine.append(rms)
         every.append(rms)
+        if kind == "x":
+            for node in (*upstream, sender):
+                self._vouched[node] = max(self._vouched.get(node, iteration), iteration)
+            while len(self._vouched) > REFUSALS_KEPT:
+                del self._vouched[next(iter(self._vouched))]
         return None
+
+    def _culprit(self, sender: bytes, upstream: tuple[bytes, ...], iteration: int) -> bytes | None:
+        """Whom outlying activations that came through ``upstream`` and then ``sender`` are blamed on.
+
+        Each hop adds its block's output to the residual stream, so a Byzantine replica's scaled
+        outputs stay scaled through every honest stage after it: judged by the last hop alone, an
+        honest later stage was banned for what its predecessor sent it (bench_byzantine's
+        scale-activations). A node that accepted activations came through in this iteration or
+        the one before is vouched for; when exactly one node of the route is not, it is blamed;
+        when none or several are, no one is (the tensor is still refused)."""
+        route = [n for n in dict.fromkeys(upstream) if n != sender] + [sender]
+        unvouched = [n for n in route if self._vouched.get(n, iteration - 2) < iteration - 1]
+        return unvouched[0] if len(unvouched) == 1 else None
 
     def check_gradients(self, stage: int, contributions: Mapping[bytes, tuple[Mapping[str, torch.Tensor], int]],
                         trusted: bytes | None = None, slack: float = 1.0) -> dict[bytes, str]:
@@ -209,7 +247,20 @@ class Guard:
     def adopted(self, node: bytes) -> bool:
         return node in self._adopted
 
-    def _offence(self, node: bytes, reason: str, at_once: bool = False) -> str:
+    def _offence(self, node: bytes, reason: str, at_once: bool = False, iteration: int | None = None) -> str:
+        """A strike for ``node`` (a ban at ``strikes``, or ``at_once``). Outlying tensors of one
+        ``iteration`` are one strike: the microbatches of an iteration share its cause (an honest
+        replica whose gradients all jumped 23-36x in the iteration after a neighbour died was banned
+        by its two microbatches' gradients), so a ban takes outliers in two iterations in a row."""
+        if iteration is not None and not at_once and self._struck_in.get(node) == iteration:
+            strikes = self._strikes.get(node, 0)
+            logger.warning("refused a tensor of %s (strike %d, this iteration's): %s", node.hex()[:16], strikes,
+                           reason)
+            return reason
+        if iteration is not None:
+            self._struck_in[node] = iteration
+            while len(self._struck_in) > REFUSALS_KEPT:
+                del self._struck_in[next(iter(self._struck_in))]
         strikes = self._strikes[node] = self._strikes.get(node, 0) + 1
         if at_once or strikes >= self.settings.strikes:
             self.ban(node, reason)
