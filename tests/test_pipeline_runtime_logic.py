@@ -314,6 +314,31 @@ def test_the_memory_slots_of_a_data_node_that_is_gone_are_freed():
     asyncio.run(go())
 
 
+def test_a_reducer_whose_replicas_are_past_the_iteration_takes_their_state_instead_of_stepping_alone():
+    """A chaos run: a data node came back, restored stage 0 and, the smaller id, was its reducer,
+    while the other data node had reduced that iteration alone: the reducer waited reduce_timeout_s,
+    stepped alone, and the two replicas parted for good. Now it sees the other past the iteration
+    (its heartbeat) and takes its state, and goes on in the iteration that one is in."""
+    me, mate = b"\x01" * 32, b"\x05" * 32
+    reducer = worker(1, me=me)
+    reducer.settings = dataclasses.replace(reducer.settings, reduce_timeout_s=30.0)
+    reducer.swarm.live = [Peer(me, "stage", 1, None, "ONLINE"), Peer(mate, "stage", 1, None, "ONLINE",
+                                                                    metrics={"iteration": 7.0})]
+    before = {n: t.clone() for n, t in reducer.module.state_dict().items()}
+    for p in reducer.module.parameters():  # gradients of its own, which it must not step with alone
+        p.grad = torch.ones_like(p)
+    reducer._count = 2
+
+    async def go():
+        await asyncio.wait_for(reducer._reduce_as_reducer(4, [me, mate]), 10)
+
+    asyncio.run(go())
+    assert [c[:2] for c in reducer.swarm.calls] == [(mate, "pp.state")]  # it asked the one ahead for its state
+    after = reducer.module.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)  # and did not step alone
+    assert reducer._count == 0
+
+
 @pytest.mark.parametrize("policy", ["skip", "full", "random_skip"])
 def test_leader_policies_plan_valid_schedules(policy):
     settings = LeaderSettings(microbatches=3, microbatch_size=4, memory=2, path_length=3, num_stages=4,

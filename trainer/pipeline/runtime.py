@@ -184,6 +184,7 @@ class PipelineWorker:
         # themselves for the reducer, step alone and part ways for an iteration.
         self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
+        self._jump_to: int | None = None  # the iteration to go on in after taking an ahead replica's state
         self.grad_norm = 0.0  # of the last averaged gradient; 0 before the first step
         self._served: set[tuple[int, bytes]] | None = None  # (stage, node) of the live replicas at the last look
         self.move_to: int | None = None  # set from outside: leave after this iteration for that stage
@@ -235,13 +236,19 @@ class PipelineWorker:
     # ---- the guard: bad tensors and bans ------------------------------------------------------
 
     def _screen(self, sender: bytes, kind: str, t: torch.Tensor, k: int, path: tuple[int, ...] | None = None,
-                ident: tuple | None = None) -> None:
+                ident: tuple | None = None, visited: list[Hop] | None = None,
+                planned: set[bytes] | None = None) -> None:
         """Raise PipelineError when ``t`` from ``sender`` (iteration ``k``, through the stages ``path``
-        when known; ``ident``: which microbatch's, so that a retried delivery is one offence) fails
-        the guard (which may ban it)."""
+        when known; ``ident``: which microbatch's, so that a retried delivery is one offence;
+        ``visited``: the hops activations came through, by the sender's word) fails the guard (which
+        may ban it). Blame goes up the route only to nodes this data node ``planned`` for it."""
         if sender == self.me:
             return
-        reason = self.guard.check(sender, self._stage_of.get(sender, -1), kind, t, k, path, ident)
+        upstream = tuple(n for _, n in visited or () if n not in (sender, self.me))
+        if planned is not None:
+            upstream = tuple(n for n in upstream if n in planned)
+        reason = self.guard.check(sender, self._stage_of.get(sender, -1), kind, t, k, path, ident, upstream,
+                                  blame_upstream=planned is not None)
         self._announce_bans()
         if reason is not None:
             self.report.refused += 1
@@ -342,8 +349,8 @@ class PipelineWorker:
                 del self._cache[key]
                 self._slots.release()
             async with self._iteration_changed:
-                self.iteration = k + 1
-                self.report.iterations = k + 1
+                self.iteration = self.report.iterations = max(k + 1, self._jump_to or 0)
+                self._jump_to = None
                 self._iteration_changed.notify_all()
         await self._linger()
         self.report.seconds = time.time() - started
@@ -706,7 +713,7 @@ class PipelineWorker:
         await self._at_iteration(origin, k)
         if key in self._cache:  # a retry after a lost answer: it was taken already
             return {}, {}
-        self._screen(sender, "x", x, k, ident=key)
+        self._screen(sender, "x", x, k, ident=key, visited=visited)
         if self.die_after_forwards is not None and len(self.report.served) >= self.die_after_forwards:
             logger.warning("fault injection: SIGKILL in the middle of iteration %d", k)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -784,7 +791,7 @@ class PipelineWorker:
         if not result.get("lost"):
             try:
                 self._screen(sender, "x" if kind == "x" else "grad", t, k, future.stages if kind != "x" else None,
-                             ident=("arrive", k, m, attempt))
+                             ident=("arrive", k, m, attempt), visited=result.get("visited"), planned=future.nodes)
             except PipelineError:
                 # a node of the route delivered what the guard refused: nothing good comes for this
                 # attempt, so stop waiting now (the activations go again, the gradient is lost)
@@ -891,17 +898,36 @@ class PipelineWorker:
         deadline = loop.time() + self.settings.reduce_timeout_s
         mine = ({n: self._sent("param", k, g) for n, g in self._grads().items()}, self._count,
                 weights_hash(self.module))
+        ahead: dict[bytes, int] = {}
         while loop.time() < deadline:
             have = {sender for (it, sender) in self._reduce_inbox if it == k}
-            if set(members) - {self.me} <= have:
+            if set(members) - {self.me} - set(ahead) <= have:
                 break
             self._reduce_event.clear()
             try:
                 await asyncio.wait_for(self._reduce_event.wait(), self.settings.retry_s * 4)
             except TimeoutError:
                 members = (await self._replicas(fresh=True)).get(self.stage, [self.me])
+                ahead = await self._past(k, set(members) - have - {self.me})
         contributions = {self.me: mine}
         contributions.update({s: v for (it, s), v in self._reduce_inbox.items() if it == k})
+        if len(contributions) == 1 and ahead:
+            # The stage's other replicas finished k without us (we came back, restored, and are the
+            # reducer by id, while they had reduced k among themselves): stepping alone would part us
+            # from them for good. Take the state of the furthest instead.
+            furthest = max(ahead, key=lambda n: (ahead[n], n))
+            logger.warning("iteration %d: the other replicas of stage %d are past it (%s at iteration %d); "
+                           "taking its state instead of stepping alone", k, self.stage, furthest.hex()[:12],
+                           ahead[furthest])
+            future = self._reduce_result.setdefault(k, loop.create_future())
+            if not future.done():
+                future.set_result((None, mine[2], {}))
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count = 0
+            self._jump_to = await self._resync(furthest)  # and go on in the iteration it is in
+            for key in [key for key in self._reduce_inbox if key[0] <= k]:
+                del self._reduce_inbox[key]
+            return
         self._mates = (set(contributions) | set(members)) - {self.me}
         excluded = self.guard.check_gradients(self.stage, {s: (g, c) for s, (g, c, _) in contributions.items()},
                                               trusted=self.me)
@@ -932,6 +958,18 @@ class PipelineWorker:
             self._step(averaged)
         for key in [key for key in self._reduce_inbox if key[0] <= k]:
             del self._reduce_inbox[key]
+
+    async def _past(self, k: int, nodes: set[bytes]) -> dict[bytes, int]:
+        """Those of ``nodes`` past iteration ``k`` (their heartbeat says they are in a later one, or
+        they asked this node to reduce a later one), with that iteration."""
+        if not nodes:
+            return {}
+        out = {p.id: int(p.metrics.get("iteration", 0)) for p in await self.swarm.peers()
+               if p.id in nodes and p.metrics.get("iteration", 0) > k}
+        for it, sender in self._reduce_inbox:
+            if sender in nodes and it > k:
+                out[sender] = max(out.get(sender, 0), it)
+        return out
 
     async def _on_reduce(self, sender: bytes, args: dict, tensors: dict) -> tuple[dict, dict]:
         k, count, digest = args.get("iteration"), args.get("count"), args.get("hash")
@@ -1038,8 +1076,9 @@ class PipelineWorker:
                  "digest": snapshot.digest, "sha256": sha, "lr": snapshot.lr, "grad_norm": snapshot.grad_norm},
                 {"safetensors": blob})
 
-    async def _resync(self, peer: bytes) -> None:
-        """Take ``peer``'s weights and optimizer state (after it stepped): ours had drifted from the stage's."""
+    async def _resync(self, peer: bytes) -> int | None:
+        """Take ``peer``'s weights and optimizer state (after it stepped): ours had drifted from the
+        stage's. Returns the iteration ``peer`` was in (None if the state could not be taken)."""
         async def call(args: dict) -> tuple[dict, dict]:
             return await self.swarm.call(peer, "pp.state", args)
 
@@ -1048,6 +1087,7 @@ class PipelineWorker:
             self.load_full_state(remote.state, remote.lr)
         except (SwarmCallError, RuntimeError, ValueError, PipelineError) as error:
             logger.warning("could not take the state of %s: %s", peer.hex()[:12], error)
-            return
+            return None
         self.report.resyncs += 1
         logger.warning("weights and optimizer state replaced by %s's (they differed)", peer.hex()[:12])
+        return remote.iteration
