@@ -123,3 +123,34 @@ def test_a_contribution_given_to_a_live_node_goes_to_no_other_committer_until_th
         assert contributed(y) == [IDS["c"]]
 
     asyncio.run(go())
+
+
+def status(step: int, start: int) -> dict:
+    return {"step": step, "start": start, "head": bytes(32), "base": bytes(32)}
+
+
+def test_a_node_whose_chain_the_others_left_takes_a_snapshot_from_the_furthest():
+    """A chaos run: two nodes each committed alone while the DHT hid everyone (a fork); the others
+    resynced to one side, while a node that had rejoined on the other side refused that chain (not
+    signed by the committer it knew, which was live) and could pull nothing else: stuck for good.
+    When the nodes ahead are most of the live ones and none offers a chain it takes, it takes a
+    snapshot from the furthest."""
+    x = zo_worker("x", ["x", "y", "h", "c"])
+    far = {"y": status(400, 100), "h": status(420, 272), "c": status(410, 366)}  # logs begin after x's head
+    x.swarm.answer = lambda peer, method: ((far[next(n for n in IDS if IDS[n] == peer)], {}) if method == "zo.status"
+                                           else ({}, {}))
+    assert not asyncio.run(x._pull_from_any())
+    assert x._resync_from == IDS["h"]
+    # one node ahead of three is no majority: it may be the one on a fork
+    x._resync_from = None
+    few = {"y": status(0, 0), "h": status(420, 272), "c": status(0, 0)}
+    x.swarm.answer = lambda peer, method: ((few[next(n for n in IDS if IDS[n] == peer)], {}) if method == "zo.status"
+                                           else ({}, {}))
+    assert not asyncio.run(x._pull_from_any()) and x._resync_from is None
+
+
+def test_a_node_that_does_not_see_itself_in_the_swarm_is_blind():
+    x = zo_worker("x", ["y", "h"])  # its own heartbeat is not in its view (stalled DHT stores)
+    assert asyncio.run(x._blind())
+    x.swarm.live = ["x", "y", "h"]
+    assert not asyncio.run(x._blind())

@@ -122,6 +122,7 @@ class ZOWorker:
         self._own: dict[int, list[bytes]] = {}
         self._gave: dict[int, list[bytes]] = {}  # step -> the committers our contribution went to, in order
         self._kept_from: dict[int, bytes] = {}  # step -> the committer it was kept from (logged once)
+        self._refused_by: set[bytes] = set()  # peers whose next commit we refused at the last pull from them
         self._needs_sync = True  # a committer first adopts the longest log among live peers
         self._resync_from: bytes | None = None
         self._hash_task: asyncio.Task | None = None
@@ -429,6 +430,13 @@ class ZOWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.step_timeout_s
         required = self._quorum(step)
+        if required == 1 and step > 0 and self._previous_contributors(step) >= 2 and await self._blind():
+            # With two contributors to the last commit one may commit alone once the other is gone;
+            # but when our view does not even show us, each of the two may see the other dead and
+            # commit alone: a fork (in a chaos run both did, steps 65-66 and 65-100). Wait for two.
+            logger.warning("step %d: this node's own heartbeat is not in its view of the swarm; a commit "
+                           "needs two contributions until it is", step)
+            required = 2
         tick = loop.time()
         while not stop.is_set():
             live = self._awaited({p.id for p in await self._live_peers()} | {self.me}) - banned
@@ -488,14 +496,21 @@ class ZOWorker:
         """Contributors a commit needs: a majority of the previous commit's (``min_nodes`` for the
         first). A committer with a partial view of the swarm then cannot run ahead alone on a fork;
         nodes dying one at a time still leave a majority of the last set."""
+        if self.log.get(step - 1) is None and step == 0:
+            return self.settings.min_nodes
+        n = self._previous_contributors(step)
+        return n // 2 + 1 if n >= 3 else 1
+
+    def _previous_contributors(self, step: int) -> int:
         prev = self.log.get(step - 1)
         if prev is None:
-            if step == 0:
-                return self.settings.min_nodes
-            n = self.log.base_contributors  # our log starts at a snapshot
-        else:
-            n = len({c.sender for c in prev.contributions})
-        return n // 2 + 1 if n >= 3 else 1
+            return self.log.base_contributors  # our log starts at a snapshot
+        return len({c.sender for c in prev.contributions})
+
+    async def _blind(self) -> bool:
+        """Our own heartbeat is not in our view: the DHT stores are stalling (a frozen or black-holed
+        peer on the way), so who looks dead may be alive."""
+        return self.me not in {p.id for p in await self._live_peers()}
 
     def _awaited(self, live: set[bytes]) -> set[bytes]:
         """The nodes a step waits for: live ones that contributed to one of the last two commits (all
@@ -625,20 +640,40 @@ class ZOWorker:
                     return applied
                 if commit.prev != self.log.head_hash:
                     logger.warning("refused a commit from %s: a fork without a quorum of contributions", peer.hex()[:12])
+                    self._refused_by.add(peer)
                     return applied
                 try:
                     self._check_pulled_signer(commit, live)
                 except ProtocolError as error:
                     logger.warning("refused a commit from %s: %s", peer.hex()[:12], error)
+                    self._refused_by.add(peer)
                     return applied
                 await self._apply(commit)
                 applied = True
 
     async def _pull_from_any(self) -> bool:
+        """Catch up from the peers ahead of us, the furthest first. When none of them offers a chain
+        we take (signed by another than our committer without a quorum, or a log that begins after
+        our head) and they are most of the live nodes, the swarm moved on without our chain (a fork
+        that we alone still follow, while the signer we know has taken theirs): we take a snapshot
+        from the furthest."""
         statuses = await self._statuses()
-        for _, peer in sorted(((s["step"], p) for p, s in statuses.items()), reverse=True):
-            if statuses[peer]["step"] > self.log.head_step and await self._pull_from(peer):
+        ahead = sorted(((s["step"], p) for p, s in statuses.items() if s["step"] > self.log.head_step), reverse=True)
+        refused = []
+        for _, peer in ahead:
+            if statuses[peer]["start"] > self.log.head_step:
+                refused.append(peer)  # its log begins after our head (it took a snapshot): nothing to pull
+                continue
+            self._refused_by.discard(peer)
+            if await self._pull_from(peer):
                 return True
+            if peer in self._refused_by:
+                refused.append(peer)
+        if refused and len(refused) == len(ahead) and 2 * len(refused) > len(statuses):
+            logger.warning("step %d: the nodes ahead of us (%d of %d) hold a chain that does not continue "
+                           "ours; taking a snapshot from %s", self.log.head_step, len(refused), len(statuses),
+                           refused[0].hex()[:12])
+            self._resync_from = refused[0]
         return False
 
     def _quorum_backed(self, commit: Commit) -> bool:
