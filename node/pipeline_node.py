@@ -210,12 +210,17 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
             # the views lag: another spare (or a joiner) got there first; stay a spare for the next job
             logger.info("spare: stage %d is served again; waiting for another lost stage", taken[0])
 
-    spare = node.role.role == Role.SPARE
-    if spare:
+    async def spare_job() -> tuple[int, float, float] | None:
+        """The next lost stage for this spare; None (reported, stop set) when the run ends first."""
         taken = await next_job()
         if taken is None:
             _spare_report(node, report_path)
             stop.set()
+        return taken
+
+    spare = node.role.role == Role.SPARE
+    if spare:
+        if (taken := await spare_job()) is None:
             return
         stage, lost_at, claimed_at = taken
     else:
@@ -232,10 +237,7 @@ async def run_pipeline_worker(node: Node, stop: asyncio.Event, report_path: Path
                                         (lost_at, claimed_at), first, started, recoveries, checkpoint_dir, spare,
                                         snapshots, serving)
             if served is None:  # a spare found its stage served by the time it restored: back to waiting
-                taken = await next_job()
-                if taken is None:
-                    _spare_report(node, report_path)
-                    stop.set()
+                if (taken := await spare_job()) is None:
                     return
                 stage, lost_at, claimed_at = taken
                 continue
