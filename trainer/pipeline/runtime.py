@@ -791,7 +791,8 @@ class PipelineWorker:
         if not result.get("lost"):
             try:
                 self._screen(sender, "x" if kind == "x" else "grad", t, k, future.stages if kind != "x" else None,
-                             ident=("arrive", k, m, attempt), visited=result.get("visited"), planned=future.nodes)
+                             ident=("arrive", k, m, attempt), visited=result.get("visited"),
+                             planned=getattr(future, "nodes", None))
             except PipelineError:
                 # a node of the route delivered what the guard refused: nothing good comes for this
                 # attempt, so stop waiting now (the activations go again, the gradient is lost)
