@@ -339,6 +339,25 @@ def test_a_reducer_whose_replicas_are_past_the_iteration_takes_their_state_inste
     assert reducer._count == 0
 
 
+def test_a_reducer_keeps_the_answers_of_its_last_reduce_only():
+    """Each reduce's answer holds the stage's averaged gradients: kept for every iteration, the
+    reducers of a soak grew 2-4 GB an hour."""
+    me = b"\x01" * 32
+    reducer = worker(1, me=me)
+    reducer.swarm.live = [Peer(me, "stage", 1, None, "ONLINE")]
+
+    async def go():
+        for k in range(6):
+            for p in reducer.module.parameters():
+                p.grad = torch.ones_like(p)
+            reducer._count = 1
+            await reducer._reduce_and_step(k)
+            reducer.iteration = k + 1
+
+    asyncio.run(go())
+    assert set(reducer._reduce_result) == {5}
+
+
 @pytest.mark.parametrize("policy", ["skip", "full", "random_skip"])
 def test_leader_policies_plan_valid_schedules(policy):
     settings = LeaderSettings(microbatches=3, microbatch_size=4, memory=2, path_length=3, num_stages=4,
