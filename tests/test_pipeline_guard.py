@@ -35,14 +35,11 @@ def test_non_finite_activations_ban_at_once_and_outliers_after_two_strikes_in_a_
     assert BAD in guard.bans
     assert "banned" in guard.check(BAD, 1, "x", acts())  # nothing more is taken from it
     # a replica whose outputs are 20 x its stage mate's and the running scale: refused, and banned
-    # at its second outlier in a row, in another iteration (too small counts too): outliers of one
-    # iteration are one strike, as its microbatches share a cause
+    # at its second outlier in a row (too small counts too)
     reason = guard.check(DATA, 1, "x", acts(20.0, seed=5), iteration=1)
     assert "20 x the scale" in reason.replace("19.9", "20").replace("20.1", "20") or "x the scale" in reason
-    assert guard.check(DATA, 1, "x", acts(25.0, seed=4), iteration=1) is not None
     assert DATA not in guard.bans
-    guard.check(MATE, 1, "x", acts(1.0, seed=3), iteration=2)
-    assert guard.check(DATA, 1, "x", acts(0.01, seed=6), iteration=2) is not None and DATA in guard.bans
+    assert guard.check(DATA, 1, "x", acts(0.01, seed=6), iteration=1) is not None and DATA in guard.bans
     # an accepted tensor clears the strikes: outliers now and then are refused, never banned
     other = bytes([7]) * 32
     for i in range(3):
@@ -112,9 +109,8 @@ def test_a_refused_tensor_sent_again_is_one_strike_not_two():
     first = guard.check(MATE, 2, "grad", outlier, iteration=4, ident=("arrive", 4, 1, 0))
     assert first is not None and guard.check(MATE, 2, "grad", outlier, iteration=4, ident=("arrive", 4, 1, 0)) == first
     assert MATE not in guard.bans
-    # another tensor that is off the scale too, in the next iteration, is the second strike
-    assert guard.check(other, 2, "grad", acts(1e-3, seed=8), iteration=5, ident=("arrive", 5, 0, 0)) is None
-    assert guard.check(MATE, 2, "grad", acts(1e-3 * 40, seed=7), iteration=5, ident=("arrive", 5, 2, 0)) is not None
+    # another tensor that is off the scale too is the second strike
+    assert guard.check(MATE, 2, "grad", acts(1e-3 * 40, seed=7), iteration=4, ident=("arrive", 4, 2, 0)) is not None
     assert MATE in guard.bans
 
 
@@ -348,8 +344,7 @@ def test_garbage_gradients_from_the_only_replica_a_data_node_sees_are_refused():
     for i in range(2):
         assert guard.check(MATE, 1, "grad", acts(0.05, seed=30 + i), iteration=3, path=(1, 2)) is None
     assert "no strike" not in guard.check(BAD, 1, "grad", acts(50.0, seed=40), iteration=3, path=(1, 2))
-    assert guard.check(MATE, 1, "grad", acts(0.05, seed=32), iteration=4, path=(1, 2)) is None
-    assert guard.check(BAD, 1, "grad", acts(50.0, seed=41), iteration=4, path=(1, 2)) is not None
+    assert guard.check(BAD, 1, "grad", acts(50.0, seed=41), iteration=3, path=(1, 2)) is not None
     assert BAD in guard.bans
 
 

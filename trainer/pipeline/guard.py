@@ -29,7 +29,7 @@ A tensor that fails is refused (or left out of the average) and its sender gets 
 activation outlier that came through other nodes: the one node of the route no accepted
 activations came through lately, or nobody; see ``Guard._culprit``);
 non-finite values ban at once, outliers at ``strikes`` in a row (an accepted tensor clears them;
-one tensor sent again is no second strike, nor is a second outlier of the same iteration). When the worker sees a replica it did not see at its
+one tensor sent again is no second strike). When the worker sees a replica it did not see at its
 last look (a lost stage served again by rebuilt weights, which move every scale along the paths;
 a newcomer), the scales start afresh (``forget_scales``).
 What the guard sees is only what this node received; the worker shares its bans through a record
@@ -73,7 +73,6 @@ class Guard:
     _adopted: set[bytes] = field(default_factory=set)
     _refused: dict[tuple, str] = field(default_factory=dict)  # (sender, what the tensor is) -> why, oldest first
     _vouched: dict[bytes, int] = field(default_factory=dict)  # node -> last iteration an accepted x came through it
-    _struck_in: dict[bytes, int] = field(default_factory=dict)  # node -> the iteration of its last strike
 
     def check(self, sender: bytes, stage: int, kind: str, t: torch.Tensor, iteration: int = 0,
               path: tuple[int, ...] | None = None, ident: tuple | None = None,
@@ -144,10 +143,9 @@ class Guard:
                 logger.info("refused a tensor of %s: %s", sender.hex()[:16], reason)
             elif culprit != sender:
                 reason = self._offence(culprit, f"{reason}, which came through {culprit.hex()[:16]} (the one node "
-                                                f"of its route that no accepted activations came through lately)",
-                                       iteration=iteration)
+                                                f"of its route that no accepted activations came through lately)")
             else:
-                reason = self._offence(sender, reason, iteration=iteration)
+                reason = self._offence(sender, reason)
         if reason:
             if ident is not None:
                 self._refused[(sender, kind, ident)] = reason
@@ -247,20 +245,7 @@ class Guard:
     def adopted(self, node: bytes) -> bool:
         return node in self._adopted
 
-    def _offence(self, node: bytes, reason: str, at_once: bool = False, iteration: int | None = None) -> str:
-        """A strike for ``node`` (a ban at ``strikes``, or ``at_once``). Outlying tensors of one
-        ``iteration`` are one strike: the microbatches of an iteration share its cause (an honest
-        replica whose gradients all jumped 23-36x in the iteration after a neighbour died was banned
-        by its two microbatches' gradients), so a ban takes outliers in two iterations in a row."""
-        if iteration is not None and not at_once and self._struck_in.get(node) == iteration:
-            strikes = self._strikes.get(node, 0)
-            logger.warning("refused a tensor of %s (strike %d, this iteration's): %s", node.hex()[:16], strikes,
-                           reason)
-            return reason
-        if iteration is not None:
-            self._struck_in[node] = iteration
-            while len(self._struck_in) > REFUSALS_KEPT:
-                del self._struck_in[next(iter(self._struck_in))]
+    def _offence(self, node: bytes, reason: str, at_once: bool = False) -> str:
         strikes = self._strikes[node] = self._strikes.get(node, 0) + 1
         if at_once or strikes >= self.settings.strikes:
             self.ban(node, reason)
