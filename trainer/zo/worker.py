@@ -121,7 +121,6 @@ class ZOWorker:
         self._pending: dict[int, dict[tuple[bytes, int], Contribution]] = {}
         self._own: dict[int, list[bytes]] = {}
         self._gave: dict[int, list[bytes]] = {}  # step -> the committers our contribution went to, in order
-        self._kept_from: dict[int, bytes] = {}  # step -> the committer it was kept from (logged once)
         self._refused_by: set[bytes] = set()  # peers whose next commit we refused at the last pull from them
         self._needs_sync = True  # a committer first adopts the longest log among live peers
         self._resync_from: bytes | None = None
@@ -212,7 +211,6 @@ class ZOWorker:
             self._pending.clear()  # another leads: what we held for later steps is not ours to seal
         for step in [s for s in self._gave if s <= commit.step]:
             del self._gave[step]
-            self._kept_from.pop(step, None)
         self._pending.pop(commit.step, None)
         for step in [s for s in self._inbox if s <= commit.step]:
             del self._inbox[step]
@@ -355,10 +353,9 @@ class ZOWorker:
         target = holder or committer
         if contribs:
             gave = self._gave.setdefault(step, [])
-            if holder is not None and self._kept_from.get(step) != committer:
-                self._kept_from[step] = committer
-                logger.info("step %d: our contribution went to %s, which is live: it stays there (not given to "
-                            "%s too) unless that node lets it go", step, holder.hex()[:16], committer.hex()[:16])
+            if holder is not None:
+                logger.debug("step %d: our contribution went to %s, which is live: it stays there (not given to "
+                             "%s too) unless that node lets it go", step, holder.hex()[:16], committer.hex()[:16])
             if not gave or gave[-1] != target:
                 gave.append(target)
         if step not in self._inbox and not banned and contribs:
