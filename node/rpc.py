@@ -265,6 +265,7 @@ class RpcEndpoint:
             try:
                 envelope, method, args, tensors = await self._read_request(reader)
             except ProtocolError as error:
+                await self._skip(reader, getattr(error, "unread_bytes", 0))
                 await self._refuse(peer, writer, type(error).__name__, str(error))
                 return
             handler = self._handlers[method]  # _read_request refused methods this node does not serve
@@ -315,18 +316,24 @@ class RpcEndpoint:
             raise WrongRecipient(f"the request is addressed to {request.to[:60]!r}, not to this node")
         self._replay.check_and_remember(envelope, now)
         method, args = request.method, request.args
-        # both before any tensor byte is read
-        if method not in self._handlers:
-            raise UnknownMethod(f"no method {method!r}")
-        wait = self._rate.take(envelope.sender, method)
-        if wait:
-            per_s, burst = self._rate.limits.for_method(method)
-            raise RateLimited(f"too many {method!r} calls from this peer: at most {per_s:g}/s (bursts of {burst:g}); "
-                              f"retry in {wait:.2f} s")
         headers = _check_tensor_headers(request.tensors, self.limits)
         total = sum(h["nbytes"] for h in headers)
-        if self._inflight_bytes + total > self.limits.max_inflight_bytes:
-            raise MessageTooLarge(f"{total} tensor bytes would exceed this node's in-flight budget; retry later")
+        try:  # before any tensor byte is read
+            if method not in self._handlers:
+                raise UnknownMethod(f"no method {method!r}")
+            wait = self._rate.take(envelope.sender, method)
+            if wait:
+                per_s, burst = self._rate.limits.for_method(method)
+                raise RateLimited(f"too many {method!r} calls from this peer: at most {per_s:g}/s (bursts of "
+                                  f"{burst:g}); retry in {wait:.2f} s")
+            if self._inflight_bytes + total > self.limits.max_inflight_bytes:
+                raise MessageTooLarge(f"{total} tensor bytes would exceed this node's in-flight budget; retry later")
+        except ProtocolError as error:
+            # a member's call, refused for now: the tensors it is still sending (within the limits
+            # checked above) are read and dropped first, else the stream breaks and the refusal
+            # is lost with it (the caller sees a broken call, which counts towards "dead")
+            error.unread_bytes = total
+            raise
         self._inflight_bytes += total
         try:
             # one deadline for all of the request's bytes: trickling many small tensors does not extend it
@@ -337,6 +344,14 @@ class RpcEndpoint:
         self.stats.bytes_in += total
         self.stats.received += total
         return envelope, method, args, tensors
+
+    async def _skip(self, reader: asyncio.StreamReader, nbytes: int) -> None:
+        """Read and drop the ``nbytes`` of tensors a refused caller still sends (one deadline for all)."""
+        if nbytes:
+            async with asyncio.timeout(self.timeouts.transfer_s(nbytes)):
+                for offset in range(0, nbytes, _CHUNK):
+                    await reader.readexactly(min(_CHUNK, nbytes - offset))
+            self.stats.received += nbytes
 
     async def _refuse(self, peer: PeerID, writer: asyncio.StreamWriter, kind: str, message: str) -> None:
         count = self.stats.refused[kind] = self.stats.refused.get(kind, 0) + 1

@@ -249,3 +249,26 @@ def test_rpc_call_to_unknown_method_and_without_token(private_swarm):
     assert unknown == "UnknownMethod"
     assert refused == "Unauthorized"
     assert pong["state"] == "ONLINE"
+
+
+def test_a_refusal_before_the_tensors_are_read_reaches_a_caller_that_sends_tensors(private_swarm):
+    """A node refuses a call on its header (a method it does not serve yet, a rate limit) before it
+    reads the tensors: the caller, still sending them, gets the refusal, not a broken stream. A
+    broken stream counts as a failed call, and three made a restoring replica dead to its stage
+    mate, which then trained apart from it (pp.reduce, with a stage's gradients, in a chaos run)."""
+    env = private_swarm
+    gradients = {"w": torch.randn(4 << 20, generator=torch.Generator().manual_seed(1))}  # 16 MiB
+
+    async def go():
+        endpoint = await _endpoint(env, token=env["client_token"])
+        kinds = []
+        for _ in range(3):
+            with pytest.raises(RemoteError) as unknown:
+                await endpoint.call(env["server_peer"], "pp.not-served-yet", {"iteration": 3}, gradients)
+            kinds.append(unknown.value.kind)
+        _, echoed, tensors = await endpoint.call(env["server_peer"], "echo", {}, gradients)
+        return kinds, echoed, tensors
+
+    kinds, echoed, tensors = env["run"](go())
+    assert kinds == ["UnknownMethod"] * 3
+    assert echoed["received"] == {"w": 4 << 20} and torch.equal(tensors["w"], gradients["w"])
