@@ -19,8 +19,9 @@ from typing import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht import DHT
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from node.clock import ClockWatch
 from node.config import Timeouts
@@ -77,6 +78,40 @@ async def _install_reaper(parent_pid: int, _dht: DHT, node) -> int:
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         terminate()
     return p2pd.pid if p2pd is not None else -1
+
+
+async def _ping_missing(peers: list[tuple[str, list[str]]], _dht: DHT, node) -> tuple[int, int]:
+    """Runs inside the DHT child: ping each of ``peers`` (peer id, multiaddrs without /p2p/) that is
+    not in the routing table; one that answers goes back in it (and adds us to its own). Returns
+    (peers in the table before, peers that came back)."""
+    table = node.protocol.routing_table
+    before = len(table.uid_to_peer_id)
+
+    async def ping(peer_text: str, maddrs: list[str]) -> bool:
+        peer = PeerID.from_base58(peer_text)
+        if peer == node.peer_id or table.get(peer_id=peer) is not None:
+            return False
+        try:  # p2pd may have dropped its connection and the addresses with it
+            await node.p2p._client.connect(peer, [Multiaddr(m) for m in maddrs])
+        except Exception:  # noqa: BLE001 - unreachable for now: the ping below fails too
+            pass
+        return await node.protocol.call_ping(peer) is not None
+
+    answered = await asyncio.gather(*(ping(peer, maddrs) for peer, maddrs in peers), return_exceptions=True)
+    return before, sum(1 for ok in answered if ok is True)
+
+
+def peers_of_maddrs(maddrs: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """(peer id, addresses) from full multiaddrs (".../p2p/<peer id>"), as ``SwarmDHT.rejoin`` takes them."""
+    out: dict[str, list[str]] = {}
+    for text in maddrs:
+        try:
+            address = Multiaddr(text)
+            peer = address["p2p"]
+            out.setdefault(peer, []).append(str(address.decapsulate(Multiaddr(f"/p2p/{peer}"))))
+        except Exception:  # noqa: BLE001 - not a multiaddr with a peer id: nothing to ping
+            continue
+    return list(out.items())
 
 
 class SwarmDHT:
@@ -220,6 +255,22 @@ class SwarmDHT:
             return
         if envelope.sender != self.public_key:
             self.clock.observe(envelope.sender, envelope.timestamp, now)
+
+    async def rejoin(self, peers: list[tuple[str, list[str]]]) -> tuple[int, int]:
+        """Ping those of ``peers`` (peer id, multiaddrs) missing from the DHT's routing table, so that
+        the ones alive go back in it; returns (peers in the table before, peers back).
+
+        hivemind drops a peer from its routing table on every request the peer does not answer,
+        and bootstraps only at start. A node frozen longer than a request's timeout (SIGSTOP in
+        the chaos runs, a laptop that slept) finds every request of the freeze timed out when it
+        wakes: its table is empty, and its peers, whose requests to it timed out too, dropped it
+        from theirs. Without this it stayed cut off for good, reading and storing only its own
+        records, seeing a swarm of itself."""
+        future = self.dht.run_coroutine(functools.partial(_ping_missing, peers), return_future=True)
+        try:
+            return await asyncio.wait_for(future, self.timeouts.dht_s)
+        except TimeoutError:
+            return -1, 0
 
     async def close_p2p(self) -> None:
         """Close this process's connection to p2pd (call it on the loop that used ``p2p()``)."""

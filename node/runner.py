@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node import __version__
 from node.averaging import Credentials, GroupAveraging
 from node.config import NodeConfig, Timeouts
-from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT
+from node.dht import RUNS_DIRECTORY, DHTReadError, SwarmDHT, peers_of_maddrs
 from node.health import Health, write_health
 from node.linkemu import LinkFaults, LinkShaper, load_emulation
 from node.membership import Member, derive_members, diff_events
@@ -194,11 +194,29 @@ class Node:
                 _every(self.timeouts.heartbeat_interval_s, self.heartbeat, stop),
                 _every(announce_every, self._refresh_announcement, stop, first_delay=announce_every),
                 _every(self.timeouts.heartbeat_interval_s, self.refresh_membership, stop),
+                _every(self.timeouts.heartbeat_ttl_s, self._keep_in_touch, stop,
+                       first_delay=self.timeouts.heartbeat_ttl_s),
             )
         finally:
             if self.role is not None:
                 await self.leave()
             await self.swarm.close_p2p()
+
+    async def _keep_in_touch(self) -> None:
+        """Put the peers we know of (initial peers, members' announced addresses) back in the DHT's
+        routing table when they fell out of it (node/dht.py ``SwarmDHT.rejoin``: a node back from
+        a freeze is otherwise cut off from the swarm's records for good)."""
+        assert self.swarm is not None
+        known = dict(peers_of_maddrs(self.config.initial_peers))
+        for member in self.view.members.values():
+            peer = member.announcement.peer_id
+            if peer and peer != self.peer_id:
+                addresses = known.setdefault(peer, [])
+                addresses += [a for a in (m.split("/p2p/")[0] for m in member.announcement.maddrs) if a not in addresses]
+        before, back = await self.swarm.rejoin(list(known.items()))
+        if back:
+            logger.warning("DHT: %d peer(s) back in its routing table, which held %d (after a freeze or a "
+                           "partition)", back, before)
 
     async def _refresh_announcement(self) -> None:
         await self.announce(self.state)
