@@ -113,13 +113,15 @@ def soak(mode_name: str, minutes: float, seed: int, workdir: Path) -> tuple[list
         + (f" (not injected, no eligible node in time: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})"
            if skipped else ""),
         "recoveries: " + (", ".join(f"{k} {v}" for k, v in sorted(recovered.items())) or "none"),
+        "at the stop: " + ("every node back at work and further than when the chaos ended" if result.drained else
+                           next((e.detail for e in reversed(result.events) if e.kind == "stop"), "not stopped")),
         f"data lost: {len(lost)} failed nothing-lost checks of {len(checks)}"
         + (": " + "; ".join(f"{c.name}: {c.detail}" for c in lost) if lost else " (" + "; ".join(
             f"{c.name}: {c.detail}" for c in checks if c.detail) + ")"),
         *mem,
         f"memory samples every 10 s: bench/results/{out.name}",
     ]
-    return lines, not lost
+    return lines, not lost and result.drained
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ def logged_by_others(result, name: str, text: str) -> bool:
 
 
 def check_kills_and_freezes(result) -> None:
-    assert result.stopped and not result.skipped, (result.skipped, result.events[-5:])
+    assert result.stopped and result.drained and not result.skipped, (result.skipped, result.events[-5:])
     assert result.faults.get("kill", 0) >= 3 and result.faults.get("freeze", 0) >= 1, (result.faults, result.skipped)
     for event in (e for e in result.events if e.kind == "kill"):
         # every killed node came back from its data dir and went back to work

@@ -90,6 +90,9 @@ class ZoMode(_OwnHomeNodes):
         """The node applies commits: it logged a weight hash in this life."""
         return self.head_of(proc) > 0
 
+    def work_of(self, proc: NodeProc) -> int:
+        return self.head_of(proc)
+
     def may_inject(self, swarm: ChaosSwarm) -> bool:
         return self.progress(swarm) < self.stop_faults_at * self.steps
 
@@ -192,6 +195,9 @@ class PipelineMode:
         role_at = max(text.rfind("role: data"), text.rfind("role: stage"))
         return role_at >= 0 and text.find("pipeline iteration", role_at) >= 0
 
+    def work_of(self, proc: NodeProc) -> int:
+        return self.iteration_of(proc)
+
     def may_inject(self, swarm: ChaosSwarm) -> bool:
         return self.progress(swarm) < self.stop_faults_at * self.iterations
 
@@ -282,6 +288,9 @@ class ExpertsMode(_OwnHomeNodes):
         """At work in this life: it took a job (or found every job done, or a group it cannot join yet)."""
         text = proc.text()
         return any(marker in text for marker in EX_AT_WORK)
+
+    def work_of(self, proc: NodeProc) -> None:
+        return None  # a node may find every job done, or wait for a group: nothing to count
 
     def may_inject(self, swarm: ChaosSwarm) -> bool:
         return self.progress(swarm) < self.stop_faults_at * self.total_steps

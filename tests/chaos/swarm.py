@@ -98,6 +98,7 @@ class Mode(Protocol):
     def restart(self, proc: NodeProc, spec: NodeSpec) -> NodeSpec: ...
     def progress(self, swarm: "ChaosSwarm") -> int: ...
     def ready(self, proc: NodeProc) -> bool: ...
+    def work_of(self, proc: NodeProc) -> int | None: ...  # how far this life got (None: not counted)
     def eligible(self, swarm: "ChaosSwarm", kind: str) -> list[NodeProc]: ...
     def may_inject(self, swarm: "ChaosSwarm") -> bool: ...
     def finished(self, swarm: "ChaosSwarm") -> bool: ...  # the run is over though its nodes keep running
@@ -122,6 +123,7 @@ class ChaosResult:
     copies: dict[str, Path]  # node -> where its small disk's files were copied before unmounting
     bystanders: list[NodeProc] = field(default_factory=list)
     stopped: bool = False  # the harness stopped the nodes (a soak) rather than the run ending
+    drained: bool = False  # stopped once every node was back at work and had got further since the drain began
 
     def lives(self, name: str) -> list[NodeProc]:
         return [p for p in self.procs if p.name == name]
@@ -375,7 +377,8 @@ class ChaosSwarm:
             deadline = time.monotonic() + self.options.timeout_s
             next_sample = last_injection = 0.0
             draining_since: float | None = None
-            stopped = False
+            stopped = drained = False
+            work_at_drain: dict[tuple[str, int], int] = {}
             while True:
                 now = time.time()
                 done = self.options.stop_when_done and not pending and not self._endings and not self._restarts
@@ -388,12 +391,19 @@ class ChaosSwarm:
                         self._endings.remove(item)
                         self._end(item[1], item[2])
                     self.record("drain", "-", "no more faults; waiting until every node is back at work")
+                    work_at_drain = {(p.name, p.life): self.mode.work_of(p) or 0 for p in self.current()}
                 if draining_since is not None and not stopped:
-                    back = not self._restarts and all(p.state == "running" and self.mode.ready(p)
-                                                      for p in self.current())
+                    # at work, and further than when the drain began: a node that was "at work" once
+                    # in this life may have been stuck since its fault
+                    back = not self._restarts and all(
+                        p.state == "running" and self.mode.ready(p)
+                        and (self.mode.work_of(p) is None or self.mode.work_of(p) > work_at_drain.get((p.name, p.life), 0))
+                        for p in self.current())
                     if (back and now - draining_since >= self.options.settle_s) or \
                             now - draining_since > self.options.drain_s:
-                        self.record("stop", "-", "every node back at work" if back else "drain timed out")
+                        self.record("stop", "-", "every node back at work" if back else
+                                    "drain timed out: " + ", ".join(self._not_back(work_at_drain)))
+                        drained = back
                         stop_all(self.current(), grace_s=60.0)
                         stopped = True
                         continue
@@ -446,7 +456,18 @@ class ChaosSwarm:
             copies = self._teardown()
         return ChaosResult(self.workdir, self.mode.name, list(self.procs), dict(self.specs), list(self.events),
                            injected, skipped, progress, time.time() - began, list(self.memory), recoveries,
-                           self.net is not None, bool(self.disks), copies, list(self.bystanders), stopped)
+                           self.net is not None, bool(self.disks), copies, list(self.bystanders), stopped, drained)
+
+    def _not_back(self, work_at_drain: dict[tuple[str, int], int]) -> list[str]:
+        """The nodes that are not back at work, and why (for the stop event)."""
+        out = []
+        for p in self.current():
+            work = self.mode.work_of(p)
+            if p.state != "running" or not self.mode.ready(p):
+                out.append(f"{p.name} {p.state}{'' if self.mode.ready(p) else ', not at work'}")
+            elif work is not None and work <= work_at_drain.get((p.name, p.life), 0):
+                out.append(f"{p.name} no further than {work}")
+        return out or ["a restart pending"]
 
     def _check_alive(self) -> None:
         for proc in self.current():
