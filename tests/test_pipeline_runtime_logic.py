@@ -77,7 +77,7 @@ def test_state_travels_in_parts_and_loads_identically():
     iteration, state, lr, norm = asyncio.run(fetch_state(call))
     assert norm == a.grad_norm > 0
     assert lr == 1e-2
-    assert iteration == 0 and set(state) == set(a.full_state())
+    assert iteration == 1 and set(state) == set(a.full_state())  # stepped in iteration 0: at the start of 1
     b.load_full_state(state)
     mine, theirs = a.full_state(), b.full_state()
     assert all(torch.equal(mine[n], theirs[n]) for n in mine)
@@ -337,6 +337,30 @@ def test_a_reducer_whose_replicas_are_past_the_iteration_takes_their_state_inste
     after = reducer.module.state_dict()
     assert all(torch.equal(after[n], before[n]) for n in before)  # and did not step alone
     assert reducer._count == 0
+
+
+def test_the_state_a_node_gives_right_after_its_step_is_labelled_with_the_next_iteration():
+    """A chaos run: between a reduce's step and the loop's move to the next iteration (the hash
+    and snapshot written, which awaits), pp.state paired the stepped weights with the old
+    iteration; the node that restored from them did that iteration again and stayed a step ahead
+    of its stage for good."""
+    me = b"\x01" * 32
+    node = worker(1, me=me)
+    node.swarm.live = [Peer(me, "stage", 1, None, "ONLINE")]
+
+    async def go():
+        await node.begin_at(4)
+        before, _ = await node._on_state(b"\x02" * 32, {}, {})
+        for p in node.module.parameters():
+            p.grad = torch.ones_like(p)
+        node._count = 1
+        await node._reduce_and_step(4)
+        after, _ = await node._on_state(b"\x02" * 32, {}, {})
+        return before, after
+
+    before, after = asyncio.run(go())
+    assert node.iteration == 4  # the loop has not moved on yet
+    assert before["iteration"] == 4 and after["iteration"] == 5
 
 
 def test_a_reducer_keeps_the_answers_of_its_last_reduce_only():

@@ -184,7 +184,12 @@ class PipelineWorker:
         # themselves for the reducer, step alone and part ways for an iteration.
         self._mates: set[bytes] = set()
         self._version = 0  # changes whenever the weights or optimizer state do
-        self._jump_to: int | None = None  # the iteration to go on in after taking an ahead replica's state
+        # The iteration the weights are at the start of. It moves on with the step (or the skip) of
+        # a reduce, while ``iteration`` moves on only once the loop has written the iteration's hash
+        # and snapshot, which awaits: a pp.state answered in between paired the stepped weights with
+        # the old iteration, and the node that copied them did that iteration again, a step ahead of
+        # the stage for good.
+        self._state_at = 0
         self.grad_norm = 0.0  # of the last averaged gradient; 0 before the first step
         self._served: set[tuple[int, bytes]] | None = None  # (stage, node) of the live replicas at the last look
         self.move_to: int | None = None  # set from outside: leave after this iteration for that stage
@@ -339,18 +344,21 @@ class PipelineWorker:
                 continue
             reducing = time.time()
             await self._reduce_and_step(k)
+            # the weights are those after iteration `done`: k, or a later one when this node took
+            # the state of a replica that was ahead (the hash is compared with the replica's)
+            done = max(k, self._state_at - 1)
             self.report.phases.append((k, began, reducing - began, time.time() - reducing))
-            self.report.hashes.append((k, weights_hash(self.module).hex()))
-            if self.snapshot_root is not None and ((k + 1) % self.snapshot_every == 0 or k + 1 == self.settings.iterations):
-                await asyncio.to_thread(save_snapshot, self.snapshot_root, self.stage, k,
+            self.report.hashes.append((done, weights_hash(self.module).hex()))
+            if self.snapshot_root is not None and ((done + 1) % self.snapshot_every == 0
+                                                   or done + 1 == self.settings.iterations):
+                await asyncio.to_thread(save_snapshot, self.snapshot_root, self.stage, done,
                                         dict(self.module.state_dict()), time.time())
-            logger.info("pipeline iteration %d done, weights %s", k, self.report.hashes[-1][1][:16])
-            for key in [key for key in self._cache if key[0] <= k]:  # forwards of k that came during its reduce
+            logger.info("pipeline iteration %d done, weights %s", done, self.report.hashes[-1][1][:16])
+            for key in [key for key in self._cache if key[0] <= done]:  # forwards that came during its reduce
                 del self._cache[key]
                 self._slots.release()
             async with self._iteration_changed:
-                self.iteration = self.report.iterations = max(k + 1, self._jump_to or 0)
-                self._jump_to = None
+                self.iteration = self.report.iterations = max(k + 1, self._state_at)
                 self._iteration_changed.notify_all()
         await self._linger()
         self.report.seconds = time.time() - started
@@ -827,6 +835,7 @@ class PipelineWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self._count = 0
         self._version += 1
+        self._state_at = self.iteration + 1
 
     async def _reduce_and_step(self, k: int) -> None:
         # the answers of earlier reduces (an averaged gradient each) are no longer asked for: a
@@ -857,6 +866,7 @@ class PipelineWorker:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._count = 0
                     await self._resync(reducer)
+                    self._state_at = k + 1
                     self._mates = set(members) - {self.me}
                     return
                 if reducer not in live:  # gone for good, it seems: the next replica reduces
@@ -872,6 +882,7 @@ class PipelineWorker:
             if result.get("skip"):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._count = 0
+                self._state_at = k + 1
             else:
                 self._step(out)
             if result.get("resync"):
@@ -929,7 +940,8 @@ class PipelineWorker:
                 future.set_result((None, mine[2], {}))
             self.optimizer.zero_grad(set_to_none=True)
             self._count = 0
-            self._jump_to = await self._resync(furthest)  # and go on in the iteration it is in
+            jumped = await self._resync(furthest)  # and go on in the iteration it is in
+            self._state_at = jumped if jumped is not None else k + 1
             for key in [key for key in self._reduce_inbox if key[0] <= k]:
                 del self._reduce_inbox[key]
             return
@@ -959,6 +971,7 @@ class PipelineWorker:
         if averaged is None:
             self.optimizer.zero_grad(set_to_none=True)
             self._count = 0
+            self._state_at = k + 1
         else:
             self._step(averaged)
         for key in [key for key in self._reduce_inbox if key[0] <= k]:
@@ -1040,7 +1053,7 @@ class PipelineWorker:
         """Go on at iteration ``k``: a node joining a run under way (``first``), once it holds the
         stage's state, or a rollback."""
         async with self._iteration_changed:
-            self.iteration = self.report.iterations = k
+            self.iteration = self.report.iterations = self._state_at = k
             if first:
                 self.report.first_iteration = k
             self._iteration_changed.notify_all()
@@ -1069,7 +1082,8 @@ class PipelineWorker:
                 raise PipelineError(f"state version {key[0]} {VERSION_GONE} (now {self._version})")
             state = self.full_state(weights_only)
             snapshot = _StateSnapshot(state, split_parts(state, self.state_part_bytes), state_digest(state),
-                                      self.iteration, float(self.optimizer.param_groups[0]["lr"]), self.grad_norm)
+                                      max(self.iteration, self._state_at), float(self.optimizer.param_groups[0]["lr"]),
+                                      self.grad_norm)
             self._state_snapshots[key] = snapshot
             while len(self._state_snapshots) > STATE_SNAPSHOTS:
                 self._state_snapshots.popitem(last=False)
