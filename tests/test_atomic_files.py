@@ -132,6 +132,25 @@ def test_the_commit_log_never_keeps_a_torn_record_on_a_full_disk(small_disk):
 
 
 @needs_root
+def test_a_commit_log_larger_than_the_free_space_loads_and_its_torn_tail_is_cut_in_place(small_disk):
+    """A zo node's log had grown past half its disk in a soak: every start rewrote the whole file,
+    which no longer fit (ENOSPC), and the node could not come back."""
+    committer, sender = generate_private_key(), generate_private_key()
+    path = small_disk.path / "commits.log"
+    log = CommitLog(RUN, path=path, max_samples=64)
+    while path.stat().st_size < 600 << 10:  # 600 KiB of a 1 MiB disk
+        log.append(_commit(log, committer, sender, padding=20))
+    with open(path, "ab") as f:
+        f.write(b"\x40\x00\x00\x00torn")  # a crash in the middle of a record
+    inode, size = path.stat().st_ino, path.stat().st_size
+    loaded = CommitLog.load(path, RUN)
+    assert (loaded.head_step, loaded.head_hash) == (log.head_step, log.head_hash)
+    assert path.stat().st_ino == inode and path.stat().st_size == size - 8  # cut in place, not rewritten
+    loaded.append(_commit(loaded, committer, sender))  # and it goes on from there
+    assert CommitLog.read(path, RUN)[0].head_step == log.head_step + 1
+
+
+@needs_root
 def test_checkpoints_and_snapshots_are_skipped_with_a_log_line_on_a_full_disk(small_disk, caplog):
     state = {"w/x": torch.zeros(1 << 16)}
     small_disk.fill()

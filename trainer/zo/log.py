@@ -181,10 +181,17 @@ class CommitLog:
 
     @classmethod
     def load(cls, path: Path, run_id: bytes, max_samples: int = 64) -> "CommitLog":
-        """Read a log file, verifying every commit and the chain; a torn or bad tail is dropped."""
+        """Read a log file, verifying every commit and the chain; a torn or bad tail is cut off in
+        place. (Rewriting the file, as it once did on every start, needs the log's size again in
+        free space: a zo node of a soak, its log grown to half its disk, could not start again.)"""
         log, dropped = cls.read(path, run_id, max_samples)
+        log.path = Path(path)
         if dropped:
             logger.warning("commit log %s: dropped a torn tail after step %d", path, log.head_step)
-        log.path = Path(path)
-        log._write_header()  # rewrite without the torn tail
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, os.fstat(fd).st_size - dropped)  # frees blocks: works on a full disk too
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return log
