@@ -13,11 +13,12 @@ lost (failed nothing-lost checks: must be zero), and the resident memory of ever
 of its p2pd, sampled every 10 s from /proc: the peak, and the least-squares slope over each node's
 longest life (after its first minute) in MiB per hour: a leak shows as a slope that stays up.
 
-    python bench/bench_soak.py --minutes 30 --mode pipeline|zo|experts|all [--seed 0] [--no-record]
+    python bench/bench_soak.py --minutes 30 --mode pipeline|zo|experts|all [--seed 0] [--no-record] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -132,12 +133,16 @@ def main() -> int:
     parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="run in DIR/MODE and keep it (the nodes' logs, reports and data)")
     args = parser.parse_args()
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
     ok = True
     for mode in MODES if args.mode == "all" else (args.mode,):
-        with tempfile.TemporaryDirectory(prefix=f"bench-soak-{mode}-") as tmp:
+        if args.keep:
+            (args.keep / mode).mkdir(parents=True, exist_ok=True)
+        with (contextlib.nullcontext(str(args.keep / mode)) if args.keep
+              else tempfile.TemporaryDirectory(prefix=f"bench-soak-{mode}-")) as tmp:
             lines, passed = soak(mode, args.minutes, args.seed, Path(tmp))
         ok = ok and passed
         if args.no_record:
