@@ -278,6 +278,31 @@ def test_a_stage_node_behind_ends_its_iterations_once_the_data_nodes_left_after_
     asyncio.run(asyncio.wait_for(late._wait_done(2, asyncio.Event()), 10))
 
 
+def test_a_stage_node_far_behind_goes_through_the_iterations_the_data_nodes_finished_at_once():
+    """A soak on 16 cores: the one replica of stage 2, back from a 10 s partition 140 iterations
+    behind, missed the pp.done of each; it waited a poll (0.5 s) per iteration before reading the
+    data nodes' heartbeats, caught up at 2 iterations a second while they did 5, and served no
+    microbatch again. A heartbeat in iteration j says every iteration before j is done."""
+    stage = worker(1)
+    stage.settings = dataclasses.replace(stage.settings, done_timeout_s=60.0)
+    stage.swarm.live = [Peer(DATA, "data", 0, None, "ONLINE", metrics={"iteration": 40.0})]
+
+    async def go():
+        await asyncio.wait_for(stage._wait_done(3, asyncio.Event()), 10)  # one poll to read the heartbeat
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for k in range(4, 40):
+            await asyncio.wait_for(stage._wait_done(k, asyncio.Event()), 10)
+        took = loop.time() - began
+        with pytest.raises(TimeoutError):  # and the iteration the data node is in is still waited for
+            await asyncio.wait_for(stage._wait_done(40, asyncio.Event()), 2)
+        return took
+
+    took = asyncio.run(go())
+    assert stage._done_upto[DATA] == 39
+    assert took < stage.settings.retry_s * 4  # not one poll per iteration: 36 of them took less than one
+
+
 def test_the_memory_slots_of_a_data_node_that_is_gone_are_freed():
     """A data node killed mid-iteration leaves forwards that will see no backward: they no longer
     hold the stage's memory (refusing the other data nodes) once the view has lost it, and the node

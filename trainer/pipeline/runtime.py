@@ -647,10 +647,13 @@ class PipelineWorker:
                 await asyncio.wait_for(self._done_event.wait(), self.settings.retry_s * 4)
             except TimeoutError:
                 # a pp.done can miss us (we joined after it was sent): a data node whose heartbeat
-                # says it is past iteration k has finished it, also one that has left since
+                # says it is past iteration k has finished it, also one that has left since, and
+                # every iteration before the one it is in: a node behind goes through those at
+                # once, not one wait each (a stage node back from a partition 140 iterations
+                # behind caught up at 2 a second while the data nodes did 5: it never served again)
                 for p in await self.swarm.peers(live_only=False):
                     if p.stage == 0 and p.state != "DEAD" and p.metrics.get("iteration", 0) > k:
-                        self._mark_done(p.id, k)
+                        self._mark_done(p.id, int(p.metrics["iteration"]) - 1)
         if not self._rollback_pending() and self.me not in self.guard.bans:
             logger.warning("iteration %d: not every data node said done in time; reducing anyway", k)
 
