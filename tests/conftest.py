@@ -2,6 +2,8 @@
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.harness import Cluster
+
 # CI runs on 2 shared cores: judge properties by examples, not by wall-clock deadlines.
 settings.register_profile("swarmtrain", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("swarmtrain")
@@ -18,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("flaky") is None:
             item.add_marker(pytest.mark.flaky(reruns=SLOW_RERUNS, reruns_delay=2))
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Processes started in ``tmp_path``; at the end every one is stopped and no p2pd outlives them."""
+    cluster = Cluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        leftover = cluster.close()
+        assert leftover == [], f"p2pd processes outlived their nodes: {leftover}"

@@ -129,6 +129,10 @@ class Cluster:
         groups = {proc.pid for proc in self.procs}
         for proc in self.procs:
             if proc.popen.poll() is None:
+                try:  # a frozen (SIGSTOP) process group cannot stop
+                    os.killpg(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
                 proc.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in self.procs:

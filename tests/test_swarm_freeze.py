@@ -24,18 +24,6 @@ TTL_S = 3.0  # the chaos runs' timing: a heartbeat every 0.5 s, so that DHT requ
 FROZEN_S = 10.0  # > the heartbeat TTL and > a DHT request's timeout (Timeouts.dht_request_s, 5 s)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = Cluster(tmp_path)
-    try:
-        yield cluster
-    finally:
-        for proc in cluster.procs:  # a frozen node cannot stop
-            if proc.popen.poll() is None:
-                os.killpg(proc.pid, signal.SIGCONT)
-        assert cluster.close() == []
-
-
 def _live_seen_by(data_dir, since: float) -> int | None:
     try:
         health = json.loads((data_dir / "health.json").read_text())

@@ -14,16 +14,6 @@ pytestmark = pytest.mark.slow
 NODES = 5
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = Cluster(tmp_path)
-    try:
-        yield cluster
-    finally:
-        leftover = cluster.close()
-        assert leftover == [], f"p2pd processes outlived their nodes: {leftover}"
-
-
 def _states(report: dict) -> dict[str, str]:
     return {node["public_name"]: node["state"] for node in report["nodes"]}
 
