@@ -19,14 +19,15 @@ from tests.chaos import netns
 from tests.chaos.disk import available as disks_available
 
 
-# KNOWN FAILURE (issue 10 stays open for it): in the full run of 2026-12-02 the all-faults zo run these
-# tests judge (of 240 steps then) ended with every node at step 240 and the same weights, but one node (the committer, on
-# the full disk while the namespace partition made every DHT heartbeat store time out, so every node
-# saw every other as dead) committed steps 45-49 on a fork, with contributions that followers had
-# also sent to the committer they failed over to; it resynced at step 93. A contribution is not bound
-# to one committer, so two committers can each gather a quorum: a fix needs committer terms. The
-# tests run and report; they are not done.
-pytestmark = pytest.mark.xfail(reason="zo split brain while a partition blacks out the DHT (issue 10, open)",
+# KNOWN FAILURE (issue 10 stays open for it). Run until its faults are over (2026-12-03), 6 of the 8
+# pass and 2 fail: while a network namespace partition black-holes one node's packets, every DHT
+# store waits for it (hivemind waits for each of the nearest peers), heartbeats go unstored, every
+# node sees every other dead, and the swarm commits nothing for the partition's 10 s and the
+# seconds after (test_a_network_namespace_partition_...); the full disk injected just after the
+# partition then finds no step to refuse (test_a_full_disk_...). Earlier (2026-12-02) the same
+# blackout let a committer on the full disk commit steps 45-49 on a fork (a zo split brain: a
+# contribution is not bound to one committer; docs/zo.md sketches a second commit phase).
+pytestmark = pytest.mark.xfail(reason="a partition that black-holes a node stalls the DHT's stores (issue 10, open)",
                                strict=False)
 AHEAD, BEHIND = "zo-ahead", "zo-behind"
 SKEWS = {"zo-2": 1.5, "zo-3": -1.5}
@@ -170,9 +171,12 @@ def test_a_clock_beyond_the_window_is_refused_at_start_with_one_clear_line(run):
     for proc in result.bystanders:  # 60 s ahead, 400 s behind: hivemind's bootstrap ping compares clocks
         lines = [line.message for line in proc.messages()]
         assert proc.popen.returncode == 1 and not any("Traceback" in m for m in lines), lines[-5:]
-        assert re.fullmatch(r"swarmtrain node: error: this node's clock differs from its peers' by more than "
-                            r"hivemind allows \(.*local time must be within 3 seconds.*\); set the clock right "
-                            r"\(NTP\) and start again", lines[-1]), lines[-3:]
+        # the last line of ours (hivemind's DHT child may still print a RuntimeWarning as it exits)
+        errors = [m for m in lines if m.startswith("swarmtrain node: error:")]
+        assert len(errors) == 1 and re.fullmatch(
+            r"swarmtrain node: error: this node's clock differs from its peers' by more than hivemind allows "
+            r"\(.*local time must be within 3 seconds.*\); set the clock right \(NTP\) and start again",
+            errors[0]), lines[-3:]
 
 
 def test_a_running_clock_moved_beyond_the_window_is_refused_and_says_so(run):
