@@ -112,9 +112,6 @@ class JobView:
     latest: Checkpoint | None = None  # the most advanced checkpoint anyone made (done ones first)
     available: Held | None = None  # the most advanced one a live node keeps: where a resume starts
     leases: dict[bytes, Lease] = field(default_factory=dict)  # each holder's lease
-    # nodes out of the live view whose lease has not run out: dead, or only unseen for a moment (a
-    # DHT stall hides every heartbeat for a few seconds)
-    unseen: list[bytes] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -144,12 +141,9 @@ def build_board(num_jobs: int, leases: Mapping[bytes, object], ckpts: Mapping[by
     jobs = [JobView() for _ in range(num_jobs)]
     for node, body in leases.items():
         lease = parse_lease(body, num_jobs)
-        if lease is not None and lease.until > now:
-            if node in live:
-                jobs[lease.job].holders.append(node)
-                jobs[lease.job].leases[node] = lease
-            else:
-                jobs[lease.job].unseen.append(node)
+        if lease is not None and node in live and lease.until > now:
+            jobs[lease.job].holders.append(node)
+            jobs[lease.job].leases[node] = lease
     for view in jobs:
         view.holders.sort()
     where: dict[bytes, set[bytes]] = {}
@@ -196,17 +190,14 @@ def choose_job(board: Board, me: bytes, job_steps: Sequence[int], job_compute: S
 def should_yield(board: Board, me: bytes, job: int, job_steps: Sequence[int], job_compute: Sequence[int],
                  min_group_steps: int) -> int | None:
     """Nodes that claimed at the same moment may hold the same job: of those, the smallest id stays,
-    and another moves to an open job if there is one. Returns the job to move to, or None to stay.
-    A job whose holder is out of view but still has a lease is not open for a move: in a soak a
-    DHT stall hid a job's trainer for 4 s, a node left its own job for that one, and resumed it a
-    checkpoint behind the trainer, which had gone on all along."""
+    and another moves to an open job if there is one. Returns the job to move to, or None to stay."""
     rivals = [h for h in board.jobs[job].holders if h != me and h < me]
     if not rivals:
         return None
     others = Board([JobView([h for h in v.holders if h != me], v.latest, v.available, v.leases) for v in board.jobs],
                    board.where)
     better = choose_job(others, me, job_steps, job_compute, min_group_steps)
-    if better is None or better == job or others.jobs[better].holders or board.jobs[better].unseen:
+    if better is None or better == job or others.jobs[better].holders:
         return None
     return better
 
