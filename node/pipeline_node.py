@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from trainer.recovery.restore import JobTaken, RunOver, restore
 from trainer.swarm import SwarmCallError
 
 RECORD_NAMES = (SCHEDULE_RECORD, RECOVERY_RECORD, CLAIM_RECORD, BANS_RECORD)
+RATE_SAMPLES = 6  # heartbeats the published iterations_per_s is measured over
 BYZANTINE_FAULTS = ("nan-activations", "scale-activations", "garbage-gradients")
 SCALE_FAULT = 20.0  # scale-activations: outputs times this
 GARBAGE_FAULT = 100.0  # garbage-gradients: noise with this many times the true gradient's RMS
@@ -304,7 +306,8 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
                                 lr=spec.train.lr, retry_s=min(0.5, node.timeouts.heartbeat_interval_s / 4),
                                 use_leader=pipe.planner == "leader",
                                 activation_dtype=getattr(torch, pipe.activation_dtype),
-                                microbatch_size=pipe.microbatch_size)
+                                microbatch_size=pipe.microbatch_size,
+                                heartbeat_s=node.timeouts.heartbeat_interval_s)
     faults = parse_fault(fault) if first else {}
     die_during_restore = faults.pop("die_during_restore", False)
     guard = GuardSettings(enabled=pipe.guard == "ban", factor=pipe.outlier_factor)
@@ -375,10 +378,14 @@ async def _serve_stage(node: Node, swarm: HivemindSwarm, stage: int, stop: async
 
     async def publish_metrics() -> None:
         """What observers see in this node's heartbeats; and whether the leader asks us to move."""
+        samples: deque[tuple[float, int]] = deque(maxlen=RATE_SAMPLES)  # (time, iteration)
         while not stop.is_set():
             r = worker.report
             node.step = worker.iteration
+            samples.append((time.monotonic(), worker.iteration))
+            (t0, k0), (t1, k1) = samples[0], samples[-1]
             node.metrics.update(iteration=float(worker.iteration), compute_s=r.compute_s,
+                                iterations_per_s=(k1 - k0) / (t1 - t0) if t1 > t0 else 0.0,
                                 compute_ms_per_microbatch=1000 * r.compute_s / max(1, r.microbatches),
                                 bytes_sent=float(node.rpc.stats.sent if node.rpc else 0),
                                 grad_norm=worker.grad_norm)

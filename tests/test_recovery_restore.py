@@ -26,13 +26,14 @@ class Swarm:
         self.everyone, self.my_id, self.dead = everyone, my_id, set()
         self.breaks: dict[bytes, int] = {}  # node -> calls to it whose stream breaks off before the reply
         self.handlers = {}
+        self.metrics: dict[bytes, dict] = {}  # node -> its heartbeat's metrics, if not at iteration 6
 
     def serve(self, method, handler):
         self.handlers[method] = handler
 
     async def peers(self, *, fresh=False, **_):
         return [Peer(node, "data" if w.stage == 0 else "stage", w.stage, None, "ONLINE",
-                     metrics={"iteration": 6.0}) for node, w in self.everyone.items() if node != self.my_id]
+                     metrics=self.metrics.get(node, {"iteration": 6.0})) for node, w in self.everyone.items() if node != self.my_id]
 
     async def call(self, peer, method, args=None, tensors=None, *, even_if_dead=False):
         if peer in self.dead:
@@ -98,3 +99,19 @@ def test_a_live_swap_partner_whose_stream_breaks_off_is_asked_again(monkeypatch)
     stuck = make(again, b"\x09" * 32, 3)
     stuck.swarm.breaks[b"\x02" * 32] = 1000
     assert asyncio.run(restore(stuck, "checkfree", "checkfree_plus"))["method"] == "checkfree"
+
+
+def test_a_swap_partner_that_looks_behind_by_the_heartbeats_of_a_fast_pipeline_is_copied():
+    """In CI stage 1 kept pace with the data node at 5 iterations a second, but its heartbeat's
+    iteration read 4 behind the data node's, so the spare rebuilt stage 2 by CheckFree rather than
+    copying its swap partner: the slack follows the data nodes' published rate."""
+    for rate, partner_at, method in ((5.0, 10.0, "swap-copy"), (0.0, 10.0, "checkfree"), (5.0, 0.0, "checkfree"),
+                                     (50.0, 0.0, "checkfree"), (float("nan"), 10.0, "checkfree")):
+        everyone: dict = {}
+        make(everyone, b"\x00" * 32, 0)
+        make(everyone, b"\x02" * 32, 2)
+        newcomer = make(everyone, b"\x09" * 32, 3)
+        newcomer.swarm.metrics = {b"\x00" * 32: {"iteration": 20.0, "iterations_per_s": rate},
+                                  b"\x02" * 32: {"iteration": partner_at}}
+        record = asyncio.run(restore(newcomer, "checkfree", "checkfree_plus"))
+        assert record["method"] == method, (rate, partner_at, record)

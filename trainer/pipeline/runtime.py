@@ -80,6 +80,7 @@ class PipelineSettings:
     use_leader: bool = True  # follow the leader's published schedule when it fits the live swarm
     activation_dtype: torch.dtype = torch.float32  # activations and their gradients on the wire
     microbatch_size: int | None = None  # samples per microbatch; a forward with more is refused
+    heartbeat_s: float = 1.0  # how often nodes publish their iteration: how stale a peer's may be
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -21,11 +22,25 @@ from trainer.pipeline.runtime import PipelineWorker, weights_hash
 from trainer.recovery.checkpoint import latest_complete, load_checkpoint
 from trainer.pipeline.state import RemoteState, fetch_state
 from trainer.recovery.rebuild import RECOVERY_LR_FACTOR, RecoveryError, plan_recovery, rebuild_weights
-from trainer.swarm import SwarmCallError
+from trainer.swarm import Peer, SwarmCallError
 
 logger = logging.getLogger(__name__)
 
 BEHIND_ITERATIONS = 3  # a replica further behind the data nodes than this is not a source (it is restoring)
+STALE_HEARTBEATS = 3  # a peer's iteration in our view may be this many heartbeat intervals old
+MAX_RATE = 50.0  # iterations a second taken from a data node's heartbeat at most
+
+
+def behind_limit(data_nodes: Collection[Peer], heartbeat_s: float, current: int) -> int:
+    """How far behind the data nodes' iteration a replica may look and still be a source: the
+    iterations read are up to a few heartbeats old each, which on a fast pipeline is many (stage 1
+    at 5 iterations a second looked 4 behind the data node it kept pace with, and the spare rebuilt
+    stage 2 by CheckFree instead of copying its swap partner). Past the first iterations a node
+    at iteration 0 has not restored yet, however fast the run."""
+    rates = [float(p.metrics.get("iterations_per_s", 0.0)) for p in data_nodes]
+    rate = min(MAX_RATE, max((r for r in rates if math.isfinite(r) and r > 0), default=0.0))  # a peer's word
+    slack = BEHIND_ITERATIONS + math.ceil(rate * STALE_HEARTBEATS * heartbeat_s)
+    return min(slack, max(BEHIND_ITERATIONS, current - 1))
 
 
 class SourcesUnreachable(RecoveryError):
@@ -134,11 +149,12 @@ async def _plan(worker: PipelineWorker, method: str, swap: str, allow_replica: b
             raise RecoveryError("the run is under way, but no live node of it is in view yet")
         return None
     current = max((int(p.metrics.get("iteration", 0)) for p in peers if p.stage == 0), default=0)
+    behind = behind_limit([p for p in peers if p.stage == 0], worker.settings.heartbeat_s, current)
     by_stage: dict[int, list[bytes]] = {}
     for p in peers:
         # a node that announced the stage but has not restored it yet (it restarted with the same
         # key, or restores it right now too) holds no trained state: it is no source
-        if p.id not in unreachable and int(p.metrics.get("iteration", 0)) >= current - BEHIND_ITERATIONS:
+        if p.id not in unreachable and int(p.metrics.get("iteration", 0)) >= current - behind:
             by_stage.setdefault(p.stage, []).append(p.id)
     plan = plan_recovery(worker.stage, worker.settings.num_stages, swap, set(by_stage), method, blockless_stages)
     if plan.method == "replica" and not allow_replica:
@@ -153,7 +169,7 @@ async def _plan(worker: PipelineWorker, method: str, swap: str, allow_replica: b
                 node, remote = await _fetch_from_any(worker, silent, weights_only=False, even_if_dead=True)
             except RecoveryError:
                 remote = None  # they are gone: rebuild
-            if remote is not None and remote.iteration >= current - BEHIND_ITERATIONS:
+            if remote is not None and remote.iteration >= current - behind:
                 logger.info("restoring stage %d: its replica %s answered though the view held it dead: copying it",
                             worker.stage, node.hex()[:12])
                 worker.load_full_state(remote.state, remote.lr)
